@@ -1,0 +1,215 @@
+"""The per-user cache on node-local disk: where it is, who owns it, and what it holds.
+
+Called by :mod:`kernelprov.stage` to find a safe place to unpack, and by ``kernelprov cache`` to
+list and clean it. Layout under the cache root (``$KERNELPROV_CACHE_DIR``, ``$SLURM_TMPDIR``,
+``$TMPDIR`` or ``/tmp``)::
+
+    kernelprov-<user>/            0700, owned by the user, never a symlink
+        <key>/                    a staged env (its prefix); key = hash of archive path+size+mtime
+        <key>.json                the marker: written last, only a marked env is ever reused
+        <key>.lock                serialises staging of one archive across processes
+        .staging-<key>-<random>/  extraction in progress (removed on failure or by the next start)
+
+Keys are short on purpose: binary files can only be relocated to a prefix no longer than the
+original env's path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pwd
+import shutil
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from .errors import CacheError
+
+log = logging.getLogger(__name__)
+
+CACHE_ROOT_VARIABLES = ("KERNELPROV_CACHE_DIR", "SLURM_TMPDIR", "TMPDIR")
+MARKER_VERSION = 1
+_KEY_LENGTH = 12
+_FALLBACK_ATTEMPTS = 5
+
+
+def default_cache_root(environ: Mapping[str, str] | None = None) -> Path:
+    """Pick the cache root: ``$KERNELPROV_CACHE_DIR``, ``$SLURM_TMPDIR``, ``$TMPDIR``, then ``/tmp``.
+
+    Called by the traitlets default of ``KernelprovConfig.cache_dir`` and by the stage engine when
+    no root is configured; reads the environment at call time, never at import time.
+    """
+    environ = os.environ if environ is None else environ
+    for name in CACHE_ROOT_VARIABLES:
+        value = environ.get(name, "").strip()
+        if value:
+            return Path(value).expanduser()
+    return Path("/tmp")
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
+def _usable(path: Path) -> str | None:
+    """Why ``path`` must not be used as our per-user dir, or None when it is safe."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != os.getuid():
+        return "is owned by another user"
+    if st.st_mode & 0o077:
+        return "is accessible to other users"
+    return None
+
+
+def user_cache_dir(root: Path) -> Path:
+    """Return this user's private cache directory under ``root``, creating it ``0700``.
+
+    Called at the start of every stage and by ``kernelprov cache``. ``os.mkdir`` never follows a
+    symlink at the final component, and the result is re-checked with ``lstat``: a directory that
+    another user created first (or a symlink planted there) is refused with a warning, and the
+    next candidate name is tried, so a squatter cannot take over or block our kernels.
+    """
+    root = Path(root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CacheError(f"Cannot create the kernelprov cache root {root}: {err.strerror}; set KERNELPROV_CACHE_DIR to a writable local directory.") from err
+    base = f"kernelprov-{_user_name()}"
+    for attempt in range(_FALLBACK_ATTEMPTS):
+        candidate = root / (base if attempt == 0 else f"{base}.{attempt}")
+        try:
+            os.mkdir(candidate, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as err:
+            raise CacheError(f"Cannot create a kernelprov cache in {root}: {err.strerror}; set KERNELPROV_CACHE_DIR to a writable local directory.") from err
+        problem = _usable(candidate)
+        if problem is None:
+            return candidate
+        log.warning("kernelprov cache directory %s %s; not using it", candidate, problem)
+    raise CacheError(f"No safe kernelprov cache directory could be made in {root}; set KERNELPROV_CACHE_DIR to a private local directory.")
+
+
+def archive_key(archive: Path, st: os.stat_result) -> str:
+    """Identify one version of an archive: its real path, size and mtime (no read of its bytes)."""
+    identity = f"{os.path.realpath(archive)}\0{st.st_size}\0{st.st_mtime_ns}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:_KEY_LENGTH]
+
+
+@dataclass
+class CacheEntry:
+    """One staged env as recorded by its marker; returned by :func:`read_marker` and :func:`entries`."""
+
+    key: str
+    prefix: Path
+    archive: str
+    archive_size: int
+    archive_mtime_ns: int
+    env_bytes: int
+    members: int
+    staged_at: float
+    last_used: float
+
+    @property
+    def name(self) -> str:
+        """A readable name: the archive's file name without its archive suffixes."""
+        base = os.path.basename(self.archive)
+        for suffix in (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.zst", ".tar.xz", ".tar", ".zip"):
+            if base.endswith(suffix):
+                return base[: -len(suffix)]
+        return base
+
+
+def marker_path(user_dir: Path, key: str) -> Path:
+    return user_dir / f"{key}.json"
+
+
+def read_marker(user_dir: Path, key: str) -> CacheEntry | None:
+    """Return the entry for ``key`` if its env was published completely, else None."""
+    path = marker_path(user_dir, key)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        last_used = os.stat(path).st_mtime
+    except (OSError, ValueError):
+        return None
+    if data.get("version") != MARKER_VERSION or not (user_dir / key).is_dir():
+        return None
+    return CacheEntry(
+        key=key,
+        prefix=user_dir / key,
+        archive=data["archive"],
+        archive_size=data["archive_size"],
+        archive_mtime_ns=data["archive_mtime_ns"],
+        env_bytes=data["env_bytes"],
+        members=data["members"],
+        staged_at=data["staged_at"],
+        last_used=last_used,
+    )
+
+
+def write_marker(user_dir: Path, key: str, **fields) -> None:
+    """Publish ``key``: written atomically, and only after its env dir was renamed into place."""
+    path = marker_path(user_dir, key)
+    tmp = path.with_suffix(".json.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"version": MARKER_VERSION, "staged_at": time.time(), **fields}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def touch(user_dir: Path, key: str) -> None:
+    """Record a use of ``key``: the marker's mtime is its last-used time (for eviction)."""
+    try:
+        os.utime(marker_path(user_dir, key))
+    except OSError as err:
+        log.debug("could not record use of %s: %s", key, err)
+
+
+def entries(user_dir: Path) -> list[CacheEntry]:
+    """Every published env in ``user_dir``, most recently used first."""
+    found = []
+    for path in user_dir.glob("*.json"):
+        entry = read_marker(user_dir, path.stem)
+        if entry is not None:
+            found.append(entry)
+    return sorted(found, key=lambda e: e.last_used, reverse=True)
+
+
+def remove_unpublished(user_dir: Path, key: str) -> None:
+    """Delete leftovers of ``key`` that no marker vouches for (a killed or failed stage).
+
+    Called with the key's lock held, so no other process is staging it right now.
+    """
+    for leftover in user_dir.glob(f".staging-{key}-*"):
+        log.info("removing leftover staging directory %s", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+    env_dir = user_dir / key
+    if os.path.lexists(env_dir) and read_marker(user_dir, key) is None:
+        log.info("removing unpublished environment %s", env_dir)
+        if os.path.islink(env_dir) or not env_dir.is_dir():
+            os.unlink(env_dir)
+        else:
+            shutil.rmtree(env_dir, ignore_errors=True)
+
+
+def remove_entry(user_dir: Path, key: str) -> None:
+    """Evict a staged env: the marker goes first so that nothing trusts a half-deleted tree."""
+    try:
+        os.unlink(marker_path(user_dir, key))
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(user_dir / key, ignore_errors=True)

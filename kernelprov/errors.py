@@ -1,0 +1,35 @@
+"""The one exception family of kernelprov.
+
+Every failure a researcher or an admin can act on is a :class:`KernelprovError` whose message is
+one sentence saying what went wrong and what to do. The CLI prints it as a single line, the REST
+routes map it to an HTTP status, and the provisioner lets it propagate so that JupyterLab shows it
+in its "Error Starting Kernel" dialog.
+"""
+
+
+class KernelprovError(Exception):
+    """Base of every error kernelprov raises on purpose; its ``str()`` is the user-facing text."""
+
+
+class ArchiveError(KernelprovError):
+    """The archive is missing, unreadable, of an unknown format, corrupt or unsafe."""
+
+
+class CacheError(KernelprovError):
+    """The node-local cache cannot be used: unwritable, squatted, full, or locked."""
+
+
+class RelocateError(KernelprovError):
+    """The unpacked environment could not be relocated to its cache path."""
+
+
+class PackError(KernelprovError):
+    """conda-pack could not pack the requested environment."""
+
+
+class KernelspecError(KernelprovError):
+    """A kernelspec cannot be written, found or removed."""
+
+
+class EnvBuildError(KernelprovError):
+    """A conda-format demo environment cannot be built from a local CPython."""
