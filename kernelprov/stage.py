@@ -53,7 +53,7 @@ def _stat_archive(archive: Path) -> os.stat_result:
         st = os.stat(archive)
     except FileNotFoundError:
         raise ArchiveError(
-            f"The environment archive {archive} does not exist; reinstall the kernel with `kernelprov install`."
+            f"The environment archive {archive} does not exist; check the path, or reinstall the kernel with `kernelprov install`."
         ) from None
     except OSError as err:
         raise ArchiveError(f"Cannot read the environment archive {archive}: {err.strerror}.") from err
@@ -164,3 +164,38 @@ def _check_unchanged(archive: Path, before: os.stat_result) -> None:
         raise ArchiveError(f"The environment archive {archive} disappeared while it was being unpacked; try again.") from err
     if (after.st_size, after.st_mtime_ns, after.st_ino) != (before.st_size, before.st_mtime_ns, before.st_ino):
         raise ArchiveError(f"The environment archive {archive} changed while it was being unpacked; try again once it is complete.")
+
+
+def find_staged(archive: Path | str, *, cache_root: Path | str | None = None) -> cache.CacheEntry | None:
+    """The staged copy of ``archive``'s current version, if this user has one on this node.
+
+    Called by ``kernelprov list`` and the REST API to show state without staging anything.
+    """
+    archive = Path(archive).expanduser().absolute()
+    try:
+        st = os.stat(archive)
+    except OSError:
+        return None
+    user_dir = cache.user_cache_dir(Path(cache_root) if cache_root else cache.default_cache_root())
+    return cache.read_marker(user_dir, cache.archive_key(archive, st))
+
+
+def clean(*, cache_root: Path | str | None = None) -> list[cache.CacheEntry]:
+    """Evict every staged env of this user that nobody is staging right now; return the evicted.
+
+    Called by ``kernelprov cache clean``. A key whose lock is held (a stage in progress) is skipped.
+    """
+    user_dir = cache.user_cache_dir(Path(cache_root) if cache_root else cache.default_cache_root())
+    evicted = []
+    keys = {entry.key: entry for entry in cache.entries(user_dir)}
+    keys.update({p.name.split("-")[1]: None for p in user_dir.glob(".staging-*-*")})
+    for key, entry in keys.items():
+        try:
+            with FileLock(str(user_dir / f"{key}.lock"), timeout=0):
+                cache.remove_unpublished(user_dir, key)
+                if entry is not None:
+                    cache.remove_entry(user_dir, key)
+                    evicted.append(entry)
+        except Timeout:
+            log.info("skipping %s: it is being staged right now", key)
+    return evicted

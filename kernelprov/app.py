@@ -1,0 +1,289 @@
+"""The ``kernelprov`` command line (also ``jupyter kernelprov``).
+
+A thin layer over the plain functions the provisioner and REST API share: it parses arguments,
+shows progress on a terminal, and turns every :class:`~kernelprov.errors.KernelprovError` into a
+one-line message and a non-zero exit. ``main(argv)`` is callable from tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from . import __version__
+from .errors import KernelprovError, KernelspecError
+
+log = logging.getLogger("kernelprov")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kernelprov",
+        description="Run Jupyter kernels from packed conda environments staged on node-local disk.",
+    )
+    parser.add_argument("--version", action="version", version=f"kernelprov {__version__}")
+    parser.add_argument("--debug", action="store_true", help="log what happens, with tracebacks")
+    parser.add_argument("--cache-dir", help="node-local cache root (default: $KERNELPROV_CACHE_DIR, "
+                        "$SLURM_TMPDIR, $TMPDIR, then /tmp)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    install = sub.add_parser("install", help="pack an env (or take an archive) and install its kernel")
+    install.add_argument("name", help="kernel name; also the conda env name unless --env-prefix/--archive")
+    source = install.add_mutually_exclusive_group()
+    source.add_argument("--env-prefix", metavar="PATH", help="the conda env to pack, by path")
+    source.add_argument("--archive", metavar="FILE", help="an existing conda-pack archive to use as is")
+    install.add_argument("-o", "--output", metavar="FILE",
+                         help="where to write the packed archive (default: inside the kernel dir)")
+    install.add_argument("--format", choices=("tar.zst", "tar.gz", "tar.bz2", "tar", "zip"),
+                         help="archive format when packing (default: tar.zst)")
+    where = install.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="install for this user (the default)")
+    where.add_argument("--sys-prefix", action="store_true", help=f"install into {sys.prefix}")
+    where.add_argument("--prefix", metavar="DIR", help="install into DIR/share/jupyter/kernels")
+    where.add_argument("--kernels-dir", metavar="DIR", help="install into a kernels dir such as /apps/jupyterhub/kernels")
+    install.add_argument("--display-name", help="name shown in JupyterLab (default: 'Python (NAME)')")
+    install.add_argument("--replace", action="store_true", help="overwrite an existing kernel of that name")
+    install.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                         help="environment variable for the kernel (repeatable)")
+
+    pack = sub.add_parser("pack", help="pack a conda env into an archive with a manifest")
+    pack.add_argument("name", nargs="?", help="conda env name")
+    pack.add_argument("--env-prefix", metavar="PATH", help="the conda env to pack, by path")
+    pack.add_argument("-o", "--output", metavar="FILE", required=True, help="archive to write")
+    pack.add_argument("--format", choices=("tar.zst", "tar.gz", "tar.bz2", "tar", "zip"))
+    pack.add_argument("--force", action="store_true", help="overwrite an existing archive")
+
+    listing = sub.add_parser("list", help="list kernelprov kernels and whether each is staged here")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.add_argument("--kernels-dir", action="append", default=[], metavar="DIR",
+                         help="also look in DIR (repeatable)")
+
+    remove = sub.add_parser("remove", help="remove a kernelprov kernel")
+    remove.add_argument("name")
+    remove.add_argument("--kernels-dir", action="append", default=[], metavar="DIR")
+
+    unpack = sub.add_parser("unpack", help="stage an archive now and print its prefix (pre-warm)")
+    unpack.add_argument("archive")
+    unpack.add_argument("-q", "--quiet", action="store_true", help="print only the prefix")
+
+    cache = sub.add_parser("cache", help="inspect or clean this user's node-local cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    cache_list = cache_sub.add_parser("list", help="staged envs, their size and last use")
+    cache_list.add_argument("--json", action="store_true")
+    cache_sub.add_parser("clean", help="remove every staged env not being staged right now")
+
+    sub.add_parser("demo", help="build a demo env, install it as a kernel in a scratch dir, start it")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``kernelprov`` and ``jupyter-kernelprov``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="kernelprov: %(message)s")
+    try:
+        return _COMMANDS[args.command](args) or 0
+    except KernelprovError as err:
+        if args.debug:
+            log.exception("failed")
+        print(f"kernelprov: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kernelprov: interrupted", file=sys.stderr)
+        return 130
+
+
+def _settings(args):
+    from .config import KernelprovConfig
+
+    settings = KernelprovConfig()
+    if args.cache_dir:
+        settings.cache_dir = args.cache_dir
+    return settings
+
+
+@contextlib.contextmanager
+def _progress(description: str, enabled: bool) -> Iterator:
+    """Yield a (done, total) callback that draws a progress bar on a terminal, or None."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def _stage(args, archive: str, quiet: bool = False):
+    from .stage import ensure_staged
+
+    settings = _settings(args)
+    with _progress(f"Unpacking {Path(archive).name}", not quiet) as progress:
+        return ensure_staged(archive, cache_root=settings.cache_dir, progress=progress, lock_timeout=settings.lock_timeout)
+
+
+def _cmd_install(args) -> int:
+    from . import kernelspecs
+    from .pack import default_archive_name, describe_archive, pack_env
+
+    name = kernelspecs.validate_name(args.name)
+    env = _parse_env(args.env)
+    kernels_dir = kernelspecs.kernels_dir_for(sys_prefix=args.sys_prefix, prefix=args.prefix, kernels_dir=args.kernels_dir)
+    tmp_dir = kernelspecs.prepare_kernel_dir(name, kernels_dir, replace=args.replace)
+    try:
+        if args.archive:
+            archive = Path(args.archive).expanduser().absolute()
+            if not archive.is_file():
+                raise KernelspecError(f"The archive {archive} does not exist.")
+            describe_archive(archive)
+            managed = False
+        else:
+            fmt = args.format or "tar.zst"
+            managed = not args.output
+            target = Path(args.output).expanduser().absolute() if args.output else tmp_dir / default_archive_name(name, fmt)
+            final = target if args.output else kernels_dir / name / target.name
+            print(f"Packing {args.env_prefix or name} into {final} ...", file=sys.stderr)
+            pack_env(target, name=None if args.env_prefix else name, prefix=args.env_prefix, fmt=fmt,
+                     force=bool(args.output) and args.replace, verbose=sys.stderr.isatty())
+            archive = final
+        kernelspecs.write_kernel_files(tmp_dir, name, display_name=args.display_name or f"Python ({name})",
+                                       archive=archive, env=env, archive_managed=managed)
+        destination = kernelspecs.place_kernel_dir(tmp_dir, name)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    print(f"Installed kernel {name!r} in {destination} (archive: {archive})")
+    return 0
+
+
+def _parse_env(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise KernelspecError(f"--env expects NAME=VALUE, not {pair!r}.")
+        env[key] = value
+    return env
+
+
+def _cmd_pack(args) -> int:
+    from .pack import pack_env
+
+    manifest = pack_env(Path(args.output), name=args.name, prefix=args.env_prefix, fmt=args.format,
+                        force=args.force, verbose=sys.stderr.isatty())
+    print(f"Packed {args.env_prefix or args.name} into {Path(args.output).absolute()} "
+          f"({manifest.format}, {manifest.size / 1e6:.1f} MB, sha256 {manifest.sha256[:12]})")
+    return 0
+
+
+def _cmd_list(args) -> int:
+    from .kernelspecs import find_kernels
+    from .stage import find_staged
+
+    settings = _settings(args)
+    rows = []
+    for kernel in find_kernels(args.kernels_dir):
+        entry = find_staged(kernel.archive, cache_root=settings.cache_dir) if kernel.archive else None
+        rows.append({
+            "name": kernel.name,
+            "display_name": kernel.display_name,
+            "archive": str(kernel.archive) if kernel.archive else None,
+            "archive_exists": bool(kernel.archive and kernel.archive.is_file()),
+            "location": str(kernel.resource_dir),
+            "staged": entry is not None,
+            "staged_prefix": str(entry.prefix) if entry else None,
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("No kernelprov kernels installed; add one with `kernelprov install NAME`.")
+        return 0
+    _print_table(("name", "display name", "staged", "archive", "location"), [
+        (r["name"], r["display_name"], "yes" if r["staged"] else "no",
+         (r["archive"] or "-") + ("" if r["archive_exists"] else " (missing)"), r["location"]) for r in rows])
+    return 0
+
+
+def _print_table(headers: Sequence[str], rows: list[Sequence[str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*headers, box=None, header_style="bold")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=200 if not sys.stdout.isatty() else None).print(table)
+
+
+def _cmd_remove(args) -> int:
+    from .kernelspecs import remove_kernel
+
+    kernel = remove_kernel(args.name, args.kernels_dir)
+    print(f"Removed kernel {kernel.name!r} from {kernel.resource_dir}")
+    return 0
+
+
+def _cmd_unpack(args) -> int:
+    staged = _stage(args, args.archive, quiet=args.quiet)
+    if not args.quiet:
+        how = f"unpacked in {staged.seconds:.1f} s" if staged.extracted else "already staged"
+        print(f"{staged.archive}: {how}", file=sys.stderr)
+    print(staged.prefix)
+    return 0
+
+
+def _cmd_cache(args) -> int:
+    from . import cache
+    from .stage import clean
+
+    settings = _settings(args)
+    if args.cache_command == "clean":
+        evicted = clean(cache_root=settings.cache_dir)
+        freed = sum(e.env_bytes for e in evicted)
+        print(f"Removed {len(evicted)} staged environment(s), {freed / 1e6:.1f} MB.")
+        return 0
+    user_dir = cache.user_cache_dir(Path(settings.cache_dir))
+    entries = cache.entries(user_dir)
+    if args.json:
+        print(json.dumps([{
+            "name": e.name, "key": e.key, "prefix": str(e.prefix), "archive": e.archive,
+            "bytes": e.env_bytes, "members": e.members, "staged_at": e.staged_at, "last_used": e.last_used,
+        } for e in entries], indent=2))
+        return 0
+    if not entries:
+        print(f"No staged environments in {user_dir}.")
+        return 0
+    _print_table(("name", "size", "last used", "prefix", "archive"), [
+        (e.name, f"{e.env_bytes / 1e6:.1f} MB", time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)),
+         str(e.prefix), e.archive) for e in entries])
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(cache_dir=args.cache_dir)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+_COMMANDS = {
+    "install": _cmd_install,
+    "pack": _cmd_pack,
+    "list": _cmd_list,
+    "remove": _cmd_remove,
+    "unpack": _cmd_unpack,
+    "cache": _cmd_cache,
+    "demo": _cmd_demo,
+}

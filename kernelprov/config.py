@@ -1,0 +1,60 @@
+"""Settings shared by the provisioner, the ``kernelprov`` CLI and the server routes.
+
+:class:`KernelprovConfig` is a traitlets mixin (the gateway_provisioners pattern): the provisioner
+and the CLI both inherit it, so ``c.KernelprovConfig.cache_dir = ...`` in a Jupyter config file
+applies everywhere, and ``kernelprov install`` can write non-default values into a kernel's
+``kernel_provisioner.config``. Every default is read from its environment variable when first
+used, never at import time.
+"""
+
+from __future__ import annotations
+
+import os
+
+from traitlets import Float, TraitError, Unicode, default, validate
+from traitlets.config import LoggingConfigurable
+
+from .cache import default_cache_root
+from .stage import DEFAULT_LOCK_TIMEOUT
+
+
+class KernelprovConfig(LoggingConfigurable):
+    """Where and how packed environments are staged on this node."""
+
+    cache_dir = Unicode(
+        config=True,
+        help="""Node-local directory under which each user's private kernelprov cache is made.
+        Default: $KERNELPROV_CACHE_DIR, else $SLURM_TMPDIR, else $TMPDIR, else /tmp.""",
+    )
+
+    @default("cache_dir")
+    def _cache_dir_default(self) -> str:
+        return str(default_cache_root())
+
+    @validate("cache_dir")
+    def _validate_cache_dir(self, proposal) -> str:
+        value = os.path.expanduser(proposal["value"])
+        if not os.path.isabs(value):
+            raise TraitError(f"cache_dir must be an absolute path, not {proposal['value']!r}")
+        return value
+
+    lock_timeout = Float(
+        config=True,
+        help="""Seconds a kernel start waits for another process that is unpacking the same
+        archive before giving up. Default: $KERNELPROV_LOCK_TIMEOUT, else 1800.""",
+    )
+
+    @default("lock_timeout")
+    def _lock_timeout_default(self) -> float:
+        value = os.environ.get("KERNELPROV_LOCK_TIMEOUT", "")
+        try:
+            return float(value) if value else DEFAULT_LOCK_TIMEOUT
+        except ValueError:
+            self.log.warning("Ignoring KERNELPROV_LOCK_TIMEOUT=%r: not a number", value)
+            return DEFAULT_LOCK_TIMEOUT
+
+    @validate("lock_timeout")
+    def _validate_lock_timeout(self, proposal) -> float:
+        if proposal["value"] <= 0:
+            raise TraitError("lock_timeout must be positive")
+        return proposal["value"]

@@ -1,0 +1,216 @@
+"""Kernelspecs in the HiPerGator ``template_kernel`` layout; list and remove the ones we made.
+
+Called by ``kernelprov install/list/remove`` and by the server routes. A kernelprov kernel dir is::
+
+    <kernels dir>/<name>/
+        kernel.json          argv = [<dir>/run.sh, -f, {connection_file}], kernel_provisioner config
+        run.sh               stages the env if nobody did, sources its activate, execs ipykernel
+        logo-32x32.png  logo-64x64.png
+        <name>.tar.zst(+.manifest.json)   only when kernelprov packed the env itself
+
+The pipeline follows ipykernel's: build the command → build the kernel dict → write the spec into
+a temporary dir → place it. Placement is a rename of that temporary dir (made beside the
+destination), not ``KernelSpecManager.install_kernel_spec``'s copy: it is atomic, and an archive
+packed into the temporary dir moves into place without a second copy of hundreds of megabytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_core.paths import jupyter_data_dir
+
+from .errors import KernelspecError
+
+log = logging.getLogger(__name__)
+
+PROVISIONER_NAME = "kernelprov-provisioner"
+SPEC_VERSION = 1
+LOGOS = ("logo-32x32.png", "logo-64x64.png")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+_RUN_SH = """\
+#!/usr/bin/env bash
+# kernelprov kernel {name!r}: ipykernel from a packed conda env staged on node-local disk.
+# Jupyter runs this as: run.sh -f <connection file>. When the kernelprov provisioner started it,
+# KERNELPROV_ENV already names the staged env; otherwise (a client or server without the
+# provisioner) it stages the env itself through the same engine: `kernelprov unpack`.
+set -euo pipefail
+archive={archive}
+if [ -z "${{KERNELPROV_ENV:-}}" ] || [ "${{KERNELPROV_ARCHIVE:-}}" != "$archive" ]; then
+    KERNELPROV_ENV="$({stager} -m kernelprov unpack --quiet "$archive")"
+    export KERNELPROV_ENV KERNELPROV_ARCHIVE="$archive"
+fi
+# conda-pack's activate sets CONDA_PREFIX and PATH and runs etc/conda/activate.d/*.sh; it does
+# nothing when CONDA_PREFIX already names this env, so clear what the provisioner set.
+unset CONDA_PREFIX
+if [ -f "$KERNELPROV_ENV/bin/activate" ]; then
+    set +u
+    source "$KERNELPROV_ENV/bin/activate"
+    set -u
+else
+    export CONDA_PREFIX="$KERNELPROV_ENV" PATH="$KERNELPROV_ENV/bin:$PATH"
+fi
+exec "$KERNELPROV_ENV/bin/python" -m ipykernel_launcher "$@"
+"""
+
+
+def validate_name(name: str) -> str:
+    """Refuse kernel names that Jupyter would reject or that could name another directory."""
+    if not _NAME.match(name or ""):
+        raise KernelspecError(f"Invalid kernel name {name!r}: use letters, digits, '.', '_' and '-' only.")
+    return name
+
+
+def kernels_dir_for(*, user: bool = True, sys_prefix: bool = False, prefix: str | None = None, kernels_dir: str | None = None) -> Path:
+    """The kernels directory an install goes to, mirroring ``jupyter kernelspec install``'s flags."""
+    if kernels_dir:
+        return Path(kernels_dir).expanduser().absolute()
+    if prefix:
+        return Path(prefix).expanduser().absolute() / "share" / "jupyter" / "kernels"
+    if sys_prefix:
+        return Path(sys.prefix) / "share" / "jupyter" / "kernels"
+    return Path(jupyter_data_dir()) / "kernels"
+
+
+def build_kernel_json(kernel_dir: Path, *, display_name: str, archive: Path, env: dict[str, str] | None = None,
+                      provisioner_config: dict | None = None, archive_managed: bool = False) -> dict:
+    """The kernel dict: run.sh as argv[0] (never a bare ``python``), our provisioner in metadata."""
+    return {
+        "argv": [str(kernel_dir / "run.sh"), "-f", "{connection_file}"],
+        "display_name": display_name,
+        "language": "python",
+        "interrupt_mode": "signal",
+        "env": dict(env or {}),
+        "metadata": {
+            "kernel_provisioner": {
+                "provisioner_name": PROVISIONER_NAME,
+                "config": {"archive": str(archive), **(provisioner_config or {})},
+            },
+            "kernelprov": {"version": SPEC_VERSION, "archive_managed": archive_managed},
+        },
+    }
+
+
+def render_run_sh(name: str, archive: Path, stager_python: str | None = None) -> str:
+    """run.sh for ``archive``; ``stager_python`` (default: this interpreter) has kernelprov installed."""
+    return _RUN_SH.format(name=name, archive=shlex.quote(str(archive)), stager=shlex.quote(stager_python or sys.executable))
+
+
+def prepare_kernel_dir(name: str, kernels_dir: Path, *, replace: bool) -> Path:
+    """Make an empty temporary kernel dir beside its destination (refusing to clobber without
+    ``replace``); the caller fills it and passes it to :func:`place_kernel_dir`."""
+    validate_name(name)
+    destination = kernels_dir / name
+    if destination.exists() and not replace:
+        raise KernelspecError(f"A kernel named {name!r} already exists in {kernels_dir}; pass --replace to overwrite it.")
+    try:
+        kernels_dir.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".installing", dir=kernels_dir))
+    except OSError as err:
+        raise KernelspecError(f"Cannot write to {kernels_dir}: {err.strerror}; choose another location (--user, --prefix or --kernels-dir).") from err
+
+
+def write_kernel_files(tmp_dir: Path, name: str, *, display_name: str, archive: Path, env: dict[str, str] | None = None,
+                       provisioner_config: dict | None = None, archive_managed: bool = False) -> None:
+    """Write kernel.json, run.sh and the logos into ``tmp_dir`` for the final dir ``kernels_dir/name``."""
+    final_dir = tmp_dir.parent / name
+    spec = build_kernel_json(final_dir, display_name=display_name, archive=archive, env=env,
+                             provisioner_config=provisioner_config, archive_managed=archive_managed)
+    (tmp_dir / "kernel.json").write_text(json.dumps(spec, indent=2) + "\n")
+    run_sh = tmp_dir / "run.sh"
+    run_sh.write_text(render_run_sh(name, archive))
+    run_sh.chmod(0o755)
+    for logo in LOGOS:
+        (tmp_dir / logo).write_bytes(resources.files("kernelprov.resources").joinpath(logo).read_bytes())
+
+
+def place_kernel_dir(tmp_dir: Path, name: str) -> Path:
+    """Rename the filled temporary dir into place, replacing an existing kernel of that name."""
+    destination = tmp_dir.parent / name
+    os.chmod(tmp_dir, 0o755)
+    old = None
+    if destination.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".replaced", dir=tmp_dir.parent))
+        os.rename(destination, old / name)
+    os.rename(tmp_dir, destination)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    log.info("installed kernel %s in %s", name, destination)
+    return destination
+
+
+@dataclass
+class KernelprovKernel:
+    """One installed kernelprov kernel, as found by :func:`find_kernels`."""
+
+    name: str
+    display_name: str
+    language: str
+    resource_dir: Path
+    archive: Path | None
+    archive_managed: bool
+    provisioner_config: dict
+
+
+def _kernel_spec_manager(extra_dirs: list[str] | None = None) -> KernelSpecManager:
+    ksm = KernelSpecManager()
+    if extra_dirs:
+        ksm.kernel_dirs = list(ksm.kernel_dirs) + [str(Path(d).expanduser().absolute()) for d in extra_dirs]
+    return ksm
+
+
+def find_kernels(extra_dirs: list[str] | None = None) -> list[KernelprovKernel]:
+    """Every kernelprov kernel on this Jupyter path (plus ``extra_dirs``), sorted by name.
+
+    Called by ``kernelprov list/remove`` and the REST API. A kernel dir whose kernel.json cannot
+    be read is skipped with a warning rather than hiding all the others.
+    """
+    found = []
+    for name, entry in sorted(_kernel_spec_manager(extra_dirs).get_all_specs().items()):
+        spec = entry.get("spec", {})
+        metadata = spec.get("metadata") or {}
+        provisioner = metadata.get("kernel_provisioner") or {}
+        if provisioner.get("provisioner_name") != PROVISIONER_NAME:
+            continue
+        config = provisioner.get("config") or {}
+        found.append(KernelprovKernel(
+            name=name,
+            display_name=spec.get("display_name", name),
+            language=spec.get("language", "python"),
+            resource_dir=Path(entry["resource_dir"]),
+            archive=Path(config["archive"]) if config.get("archive") else None,
+            archive_managed=bool((metadata.get("kernelprov") or {}).get("archive_managed")),
+            provisioner_config=config,
+        ))
+    return found
+
+
+def get_kernel(name: str, extra_dirs: list[str] | None = None) -> KernelprovKernel:
+    """The kernelprov kernel called ``name``; raise a clear error if there is none."""
+    validate_name(name)
+    for kernel in find_kernels(extra_dirs):
+        if kernel.name == name:
+            return kernel
+    raise KernelspecError(f"No kernelprov kernel named {name!r}; `kernelprov list` shows the installed ones.")
+
+
+def remove_kernel(name: str, extra_dirs: list[str] | None = None) -> KernelprovKernel:
+    """Delete a kernelprov kernel dir (and the archive inside it when kernelprov packed it)."""
+    kernel = get_kernel(name, extra_dirs)
+    try:
+        shutil.rmtree(kernel.resource_dir)
+    except OSError as err:
+        raise KernelspecError(f"Cannot remove {kernel.resource_dir}: {err.strerror}.") from err
+    return kernel

@@ -1,0 +1,128 @@
+"""Pack a conda environment with conda-pack and write its manifest sidecar.
+
+Called by ``kernelprov pack`` and ``kernelprov install``. The archive is written under a temporary
+name beside its destination and renamed into place only when complete, so a half-written archive
+never sits where a kernel would read it; its manifest (sha256, size, python version, package
+count) is written next to it for the stage engine to verify against.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from .archive import detect_format
+from .errors import PackError
+from .manifest import Manifest, manifest_path, read_manifest, sha256_of, write_manifest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FORMAT = "tar.zst"
+FORMATS = ("tar.zst", "tar.gz", "tar.bz2", "tar", "zip")
+_SUFFIXES = {"tar.zst": ".tar.zst", "tar.gz": ".tar.gz", "tar.bz2": ".tar.bz2", "tar": ".tar", "zip": ".zip"}
+_NAME_SUFFIXES = tuple((suffix, fmt) for fmt, suffix in _SUFFIXES.items()) + ((".tgz", "tar.gz"), (".tbz2", "tar.bz2"))
+
+
+def format_from_name(output: Path) -> str | None:
+    """The format an output file name asks for (``env.tgz`` → ``tar.gz``), or None."""
+    for suffix, fmt in _NAME_SUFFIXES:
+        if output.name.endswith(suffix):
+            return fmt
+    return None
+
+
+def default_archive_name(env_name: str, fmt: str = DEFAULT_FORMAT) -> str:
+    return f"{env_name}{_SUFFIXES[fmt]}"
+
+
+def pack_env(
+    output: Path,
+    *,
+    name: str | None = None,
+    prefix: Path | None = None,
+    fmt: str | None = None,
+    force: bool = False,
+    verbose: bool = False,
+) -> Manifest:
+    """Pack the env given by conda ``name`` or ``prefix`` into ``output``; return its manifest.
+
+    The env name is resolved by conda-pack itself (``conda info --json``), exactly as
+    ``conda pack -n NAME`` would. The archive is made readable per the umask (conda-pack creates
+    it 0600), because archives are usually meant for kernels other users start too.
+    """
+    import conda_pack  # deferred: importing it is slow and only pack/install need it
+
+    if (name is None) == (prefix is None):
+        raise PackError("Give either a conda environment name or --env-prefix PATH, not both or neither.")
+    output = Path(output).expanduser().absolute()
+    fmt = fmt or format_from_name(output) or DEFAULT_FORMAT
+    if fmt not in FORMATS:
+        raise PackError(f"Unsupported archive format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    if output.exists() and not force:
+        raise PackError(f"{output} already exists; pass --force to overwrite it.")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        env = conda_pack.CondaEnv.from_name(name) if name else conda_pack.CondaEnv.from_prefix(str(prefix))
+    except conda_pack.CondaPackException as err:
+        hint = " Is conda on your PATH? Or give the env by path with --env-prefix." if name else ""
+        raise PackError(f"conda-pack cannot read the environment: {_first_line(err)}{hint}") from err
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
+    os.close(fd)
+    try:
+        env.pack(output=tmp, format=fmt, force=True, verbose=verbose)
+        os.chmod(tmp, 0o644)
+        manifest = Manifest(
+            format=detect_format(Path(tmp)),
+            size=os.path.getsize(tmp),
+            sha256=sha256_of(Path(tmp)),
+            python_version=_python_version(Path(env.prefix)),
+            packages=len(glob.glob(os.path.join(env.prefix, "conda-meta", "*.json"))),
+            source_prefix=env.prefix,
+            created=time.time(),
+        )
+        os.replace(tmp, output)
+    except conda_pack.CondaPackException as err:
+        raise PackError(f"conda-pack failed: {_first_line(err)}") from err
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    write_manifest(output, manifest)
+    log.info("packed %s into %s (%s bytes)", env.prefix, output, manifest.size)
+    return manifest
+
+
+def describe_archive(archive: Path) -> Manifest:
+    """Write a manifest for an archive made elsewhere (``install --archive``) if it has none.
+
+    Reads the archive once, at install time, so every later kernel start can verify it.
+    """
+    archive = Path(archive)
+    if not manifest_path(archive).exists():
+        if not os.access(manifest_path(archive).parent, os.W_OK):
+            log.warning("cannot write a manifest beside %s; kernels will start without an integrity check", archive)
+            return Manifest(format=detect_format(archive), size=os.path.getsize(archive), sha256="")
+        write_manifest(archive, Manifest(
+            format=detect_format(archive), size=os.path.getsize(archive), sha256=sha256_of(archive), created=time.time()
+        ))
+    return read_manifest(archive)
+
+
+def _python_version(prefix: Path) -> str | None:
+    for record in glob.glob(os.path.join(prefix, "conda-meta", "python-[0-9]*.json")):
+        try:
+            with open(record) as f:
+                return json.load(f).get("version")
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _first_line(err: Exception) -> str:
+    """conda-pack's messages run over many lines and end with a raw dump; keep the first sentence."""
+    text = str(err).strip().split(" The full error is below")[0].splitlines()
+    return text[0] if text else type(err).__name__

@@ -1,0 +1,64 @@
+"""``KernelprovProvisioner``: stage the packed env on node-local disk, then launch the kernel.
+
+Registered under the ``jupyter_client.kernel_provisioners`` entry point group as
+``kernelprov-provisioner``; a kernelspec selects it through ``metadata.kernel_provisioner``, whose
+``config`` names the archive (and any non-default :class:`~kernelprov.config.KernelprovConfig`
+setting). Everything else — ports, the connection file, the process — is ``LocalProvisioner``'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from jupyter_client.provisioning import LocalProvisioner
+from traitlets import Instance, Unicode
+
+from .config import KernelprovConfig
+from .errors import KernelprovError
+from .stage import StagedEnv, ensure_staged
+
+
+class KernelprovProvisioner(KernelprovConfig, LocalProvisioner):  # type: ignore[misc]
+    """A LocalProvisioner whose kernels run from a conda-pack archive staged on local disk."""
+
+    archive = Unicode(
+        config=True,
+        help="""Path of the conda-pack archive this kernel runs from (written into kernel.json by
+        `kernelprov install`). There is no environment variable for it: it belongs to the kernel.""",
+    )
+
+    staged_env = Instance(StagedEnv, allow_none=True, help="The env this provisioner launched from, once staged.")
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """Stage the env, then let LocalProvisioner build the launch command and environment.
+
+        Called from ``KernelManager.pre_start_kernel()`` at every start and restart. Unpacking
+        runs in a worker thread so the server's event loop never blocks; a restart finds the env
+        already staged and costs a ``stat``. A failure raises
+        :class:`~kernelprov.errors.KernelprovError`, whose one-sentence message is what
+        JupyterLab shows in its "Error Starting Kernel" dialog.
+        """
+        if not self.archive:
+            raise KernelprovError(
+                f"Kernel {self.kernel_spec.display_name!r} names no archive in its kernel_provisioner config; reinstall it with `kernelprov install`."
+            )
+        self.log.info("kernelprov: staging %s for kernel %s", self.archive, self.kernel_id)
+        self.staged_env = await asyncio.to_thread(
+            ensure_staged, self.archive, cache_root=self.cache_dir, lock_timeout=self.lock_timeout
+        )
+        staged = self.staged_env
+        self.log.info(
+            "kernelprov: %s %s in %.2f s", "unpacked" if staged.extracted else "reusing", staged.prefix, staged.seconds
+        )
+        env = dict(kwargs.get("env") or os.environ)
+        prefix = str(staged.prefix)
+        env.update(
+            KERNELPROV_ENV=prefix,
+            KERNELPROV_ARCHIVE=str(staged.archive),
+            CONDA_PREFIX=prefix,
+            PATH=os.pathsep.join([os.path.join(prefix, "bin"), env.get("PATH", os.defpath)]),
+        )
+        kwargs["env"] = env
+        return await super().pre_launch(**kwargs)
