@@ -1,0 +1,151 @@
+"""Real kernels from a real conda-pack archive, started through jupyter_client."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+
+from kernelprov.app import main
+from kernelprov.pack import pack_env
+from kernelprov.provisioner import KernelprovProvisioner
+
+pytestmark = pytest.mark.slow
+
+PROBE = "import sys, os, ipykernel"
+EXPRESSIONS = {
+    "prefix": "sys.prefix",
+    "ipykernel": "ipykernel.__file__",
+    "conda_prefix": "os.environ.get('CONDA_PREFIX')",
+    "kernelprov_env": "os.environ.get('KERNELPROV_ENV')",
+    "path0": "os.environ['PATH'].split(os.pathsep)[0]",
+}
+
+
+@pytest.fixture
+def installed_kernel(kernel_environ, runnable_archive, capsys) -> str:
+    """The runnable archive installed as kernel 'demo' into the isolated user kernels dir."""
+    assert main(["install", "demo", "--archive", str(runnable_archive)]) == 0
+    capsys.readouterr()
+    return "demo"
+
+
+async def probe(km: AsyncKernelManager) -> dict[str, str]:
+    """Execute PROBE in the kernel; return the evaluated expressions as Python values."""
+    client = km.client()
+    client.start_channels()
+    try:
+        await client.wait_for_ready(timeout=60)
+        reply = await client.execute(PROBE, user_expressions=EXPRESSIONS, reply=True, timeout=60)
+    finally:
+        client.stop_channels()
+    content = reply["content"]
+    assert content["status"] == "ok", content
+    return {k: ast.literal_eval(v["data"]["text/plain"]) for k, v in content["user_expressions"].items()}
+
+
+async def test_kernel_runs_from_the_staged_env_and_restart_reuses_it(installed_kernel, cache_root):
+    km = AsyncKernelManager(kernel_name=installed_kernel)
+    await km.start_kernel()
+    try:
+        assert isinstance(km.provisioner, KernelprovProvisioner)
+        first = km.provisioner.staged_env
+        assert first.extracted
+
+        seen = await probe(km)
+        prefix = str(first.prefix)
+        assert Path(prefix).parent.parent == cache_root
+        assert seen["prefix"] == prefix
+        assert seen["ipykernel"].startswith(prefix + "/lib/")  # the pip-installed package, from the env
+        assert seen["conda_prefix"] == seen["kernelprov_env"] == prefix
+        assert seen["path0"] == prefix + "/bin"
+
+        await km.restart_kernel()
+        second = km.provisioner.staged_env
+        assert not second.extracted and second.prefix == first.prefix
+        assert (await probe(km))["prefix"] == prefix
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+async def test_two_kernels_starting_at_once_extract_once(installed_kernel, cache_root):
+    managers = [AsyncKernelManager(kernel_name=installed_kernel) for _ in range(2)]
+    await asyncio.gather(*(km.start_kernel() for km in managers))
+    try:
+        staged = [km.provisioner.staged_env for km in managers]
+        assert sorted(s.extracted for s in staged) == [False, True]
+        prefixes = [(await probe(km))["prefix"] for km in managers]
+        assert prefixes[0] == prefixes[1] == str(staged[0].prefix)
+    finally:
+        await asyncio.gather(*(km.shutdown_kernel(now=True) for km in managers))
+
+
+async def test_run_sh_stages_the_env_without_the_provisioner(installed_kernel, jp_data_dir, cache_root):
+    # A kernelspec with the provisioner metadata stripped is what a client without provisioner
+    # support (or a server without kernelprov) effectively runs: just argv, i.e. run.sh.
+    source = jp_data_dir / "kernels" / installed_kernel
+    plain = jp_data_dir / "kernels" / "plain"
+    shutil.copytree(source, plain)
+    spec = json.loads((plain / "kernel.json").read_text())
+    del spec["metadata"]["kernel_provisioner"]
+    (plain / "kernel.json").write_text(json.dumps(spec))
+
+    km = AsyncKernelManager(kernel_name="plain")
+    await km.start_kernel()
+    try:
+        assert not isinstance(km.provisioner, KernelprovProvisioner)
+        seen = await probe(km)
+        assert Path(seen["prefix"]).parent.parent == cache_root
+        assert seen["ipykernel"].startswith(seen["prefix"] + "/lib/")
+        assert seen["conda_prefix"] == seen["kernelprov_env"] == seen["prefix"]
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+async def test_activate_d_scripts_run_in_the_kernel(kernel_environ, runnable_env, tmp_path, cache_root, capsys):
+    # An env whose etc/conda/activate.d sets a variable, as many conda packages do (e.g. GDAL_DATA).
+
+    activate_d = runnable_env / "etc/conda/activate.d"
+    script = activate_d / "kernelprov-test.sh"
+    activate_d.mkdir(parents=True, exist_ok=True)
+    script.write_text('export KERNELPROV_TEST_ACTIVATED="yes from $CONDA_PREFIX"\n')
+    try:
+        archive = tmp_path / "with-activate.tar.zst"
+        pack_env(archive, prefix=runnable_env)
+    finally:
+        script.unlink()
+        if not any(activate_d.iterdir()):
+            os.removedirs(activate_d)
+    assert main(["install", "act", "--archive", str(archive)]) == 0
+    capsys.readouterr()
+
+    km = AsyncKernelManager(kernel_name="act")
+    await km.start_kernel()
+    try:
+        client = km.client()
+        client.start_channels()
+        await client.wait_for_ready(timeout=60)
+        reply = await client.execute("import os", user_expressions={"v": "os.environ.get('KERNELPROV_TEST_ACTIVATED')"},
+                                     reply=True, timeout=60)
+        client.stop_channels()
+        value = ast.literal_eval(reply["content"]["user_expressions"]["v"]["data"]["text/plain"])
+        assert value == f"yes from {km.provisioner.staged_env.prefix}"
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+async def test_a_missing_archive_fails_the_start_with_an_actionable_message(installed_kernel, runnable_archive, jp_data_dir):
+    spec_path = jp_data_dir / "kernels" / installed_kernel / "kernel.json"
+    spec = json.loads(spec_path.read_text())
+    spec["metadata"]["kernel_provisioner"]["config"]["archive"] = "/nonexistent/lab/envs/gone.tar.zst"
+    spec_path.write_text(json.dumps(spec))
+
+    km = AsyncKernelManager(kernel_name=installed_kernel)
+    with pytest.raises(Exception, match=r"gone\.tar\.zst does not exist; check the path, or reinstall"):
+        await km.start_kernel()
