@@ -127,7 +127,7 @@ def _stage(args, archive: str, quiet: bool = False):
 
     settings = _settings(args)
     with _progress(f"Unpacking {Path(archive).name}", not quiet) as progress:
-        return ensure_staged(archive, cache_root=settings.cache_dir, progress=progress, lock_timeout=settings.lock_timeout)
+        return ensure_staged(archive, progress=progress, **settings.stage_options())
 
 
 def _cmd_install(args) -> int:
@@ -200,6 +200,7 @@ def _cmd_list(args) -> int:
             "location": str(kernel.resource_dir),
             "staged": entry is not None,
             "staged_prefix": str(entry.prefix) if entry else None,
+            "in_use": entry.in_use if entry else 0,
         })
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -248,7 +249,9 @@ def _cmd_cache(args) -> int:
     if args.cache_command == "clean":
         evicted = clean(cache_root=settings.cache_dir)
         freed = sum(e.env_bytes for e in evicted)
-        print(f"Removed {len(evicted)} staged environment(s), {freed / 1e6:.1f} MB.")
+        kept = [e for e in cache.entries(cache.user_cache_dir(Path(settings.cache_dir)))]
+        print(f"Removed {len(evicted)} staged environment(s), {freed / 1e6:.1f} MB."
+              + (f" Kept {len(kept)} in use or being staged." if kept else ""))
         return 0
     user_dir = cache.user_cache_dir(Path(settings.cache_dir))
     entries = cache.entries(user_dir)
@@ -256,14 +259,15 @@ def _cmd_cache(args) -> int:
         print(json.dumps([{
             "name": e.name, "key": e.key, "prefix": str(e.prefix), "archive": e.archive,
             "bytes": e.env_bytes, "members": e.members, "staged_at": e.staged_at, "last_used": e.last_used,
+            "in_use": e.in_use,
         } for e in entries], indent=2))
         return 0
     if not entries:
         print(f"No staged environments in {user_dir}.")
         return 0
-    _print_table(("name", "size", "last used", "prefix", "archive"), [
+    _print_table(("name", "size", "last used", "in use", "prefix", "archive"), [
         (e.name, f"{e.env_bytes / 1e6:.1f} MB", time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)),
-         str(e.prefix), e.archive) for e in entries])
+         f"{e.in_use} kernel(s)" if e.in_use else "no", str(e.prefix), e.archive) for e in entries])
     return 0
 
 

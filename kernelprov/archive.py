@@ -290,7 +290,21 @@ def _current_umask() -> int:
     return 0o777  # unknown: always fchmod
 
 
-def _tar_members(tar: tarfile.TarFile, archive: Path) -> Iterator[tuple[_Member, BinaryIO | None]]:
+def _second_opinion(info: tarfile.TarInfo, dest: str, archive: Path) -> None:
+    """Also ask the standard library's ``data`` filter where this interpreter has one (3.12+, 3.11.4+).
+
+    Our own checks come first and are complete on their own; this is defence in depth.
+    """
+    data_filter = getattr(tarfile, "data_filter", None)
+    if data_filter is None:
+        return
+    try:
+        data_filter(info, dest)
+    except tarfile.FilterError as err:
+        raise ArchiveError(f"Refusing {archive}: member {info.name!r} is unsafe ({err}).") from err
+
+
+def _tar_members(tar: tarfile.TarFile, archive: Path, dest: str) -> Iterator[tuple[_Member, BinaryIO | None]]:
     for info in tar:
         name = normalise_member_name(info.name, archive)
         if info.isreg():
@@ -303,6 +317,7 @@ def _tar_members(tar: tarfile.TarFile, archive: Path) -> Iterator[tuple[_Member,
             kind = "hardlink"
         else:
             raise ArchiveError(f"Refusing {archive}: member {info.name!r} is a device, FIFO or other special file.")
+        _second_opinion(info, dest, archive)
         member = _Member(name, kind, info.mode, float(info.mtime), info.linkname, info.size)
         yield member, tar.extractfile(info) if kind == "file" else None
 
@@ -375,7 +390,7 @@ def extract(archive: Path, dest: Path, *, progress: ProgressCallback | None = No
             else:
                 stream = _decompressor(fmt, reader)
                 with tarfile.open(fileobj=stream, mode="r|") as tar:
-                    _write_all(_tar_members(tar, archive), writer)
+                    _write_all(_tar_members(tar, archive, str(dest)), writer)
                     _check_tar_end(stream, archive)
                 reader.drain()
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError) as err:
@@ -402,3 +417,47 @@ def _is_decompression_error(err: OSError) -> bool:
     except ImportError:  # pragma: no cover
         pass
     return True
+
+
+@dataclass
+class ScanResult:
+    """What :func:`scan` learned about an archive, for its manifest."""
+
+    format: str
+    size: int
+    sha256: str
+    members: int
+    unpacked_bytes: int
+
+
+def scan(archive: Path, *, progress: ProgressCallback | None = None) -> ScanResult:
+    """Hash ``archive`` and count its members and unpacked bytes, in one streaming read.
+
+    Called at pack/install time (never at kernel start) to write the manifest that every later
+    extraction is checked against; the member count matches :attr:`ExtractResult.members`.
+    """
+    fmt = detect_format(archive)
+    members = unpacked = 0
+    with open(archive, "rb") as raw_file:
+        size = os.fstat(raw_file.fileno()).st_size
+        reader = _HashingReader(raw_file, size, progress)
+        try:
+            if fmt == "zip":
+                with zipfile.ZipFile(raw_file) as zf:
+                    for info in zf.infolist():
+                        if normalise_member_name(info.filename, archive):
+                            members += 1
+                            unpacked += info.file_size
+                raw_file.seek(0)
+            elif fmt != "squashfs":
+                stream = _decompressor(fmt, reader)
+                with tarfile.open(fileobj=stream, mode="r|") as tar:
+                    for info in tar:
+                        if normalise_member_name(info.name, archive):
+                            members += 1
+                            unpacked += info.size if info.isreg() else 0
+                    _check_tar_end(stream, archive)
+            reader.drain()
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError) as err:
+            raise ArchiveError(f"{archive} is truncated or corrupt ({err}); re-create it with `kernelprov pack`.") from err
+    return ScanResult(fmt, size, reader.sha256.hexdigest(), members, unpacked)

@@ -7,7 +7,8 @@ list and clean it. Layout under the cache root (``$KERNELPROV_CACHE_DIR``, ``$SL
     kernelprov-<user>/            0700, owned by the user, never a symlink
         <key>/                    a staged env (its prefix); key = hash of archive path+size+mtime
         <key>.json                the marker: written last, only a marked env is ever reused
-        <key>.lock                serialises staging of one archive across processes
+        <key>.lock                serialises staging and eviction of one env across processes
+        <key>.leases/<random>     one per running kernel, flock'ed by it: the env is in use
         .staging-<key>-<random>/  extraction in progress (removed on failure or by the next start)
 
 Keys are short on purpose: binary files can only be relocated to a prefix no longer than the
@@ -16,6 +17,8 @@ original env's path.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -28,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from filelock import FileLock, Timeout
+
 from .errors import CacheError
 
 log = logging.getLogger(__name__)
@@ -36,6 +41,8 @@ CACHE_ROOT_VARIABLES = ("KERNELPROV_CACHE_DIR", "SLURM_TMPDIR", "TMPDIR")
 MARKER_VERSION = 1
 _KEY_LENGTH = 12
 _FALLBACK_ATTEMPTS = 5
+#: A lease file this young counts as held even if unlocked: its kernel may be about to lock it.
+LEASE_GRACE_SECONDS = 60.0
 
 
 def default_cache_root(environ: Mapping[str, str] | None = None) -> Path:
@@ -121,6 +128,7 @@ class CacheEntry:
     members: int
     staged_at: float
     last_used: float
+    in_use: int = 0  # running kernels holding a lease; filled in by entries() and count_leases()
 
     @property
     def name(self) -> str:
@@ -180,13 +188,80 @@ def touch(user_dir: Path, key: str) -> None:
 
 
 def entries(user_dir: Path) -> list[CacheEntry]:
-    """Every published env in ``user_dir``, most recently used first."""
+    """Every published env in ``user_dir`` with its lease count, most recently used first."""
     found = []
     for path in user_dir.glob("*.json"):
         entry = read_marker(user_dir, path.stem)
         if entry is not None:
+            entry.in_use = count_leases(user_dir, entry.key)
             found.append(entry)
     return sorted(found, key=lambda e: e.last_used, reverse=True)
+
+
+def key_lock(user_dir: Path, key: str, timeout: float) -> FileLock:
+    """The lock that serialises staging and eviction of ``key`` across processes on this node."""
+    return FileLock(str(user_dir / f"{key}.lock"), timeout=timeout)
+
+
+def lease_dir(user_dir: Path, key: str) -> Path:
+    """Where kernels running from ``key`` hold their leases (run.sh: ``$KERNELPROV_ENV.leases``)."""
+    return user_dir / f"{key}.leases"
+
+
+def count_leases(user_dir: Path, key: str) -> int:
+    """How many processes hold a lease on ``key``; stale lease files are removed on the way.
+
+    run.sh opens one lease file per kernel and holds an exclusive ``flock`` on it, inherited by
+    the kernel process: the lock, and so the lease, dies with the kernel even on ``kill -9``.
+    """
+    held = 0
+    try:
+        names = os.listdir(lease_dir(user_dir, key))
+    except FileNotFoundError:
+        return 0
+    for name in names:
+        path = lease_dir(user_dir, key) / name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise
+            held += 1
+            continue
+        else:
+            if time.time() - os.fstat(fd).st_mtime < LEASE_GRACE_SECONDS:
+                held += 1
+            else:
+                os.unlink(path)
+        finally:
+            os.close(fd)
+    return held
+
+
+def try_evict(user_dir: Path, key: str, *, min_idle: float = 0.0) -> CacheEntry | None:
+    """Evict ``key`` unless it is in use, being staged, or was used less than ``min_idle`` s ago.
+
+    Returns the evicted entry, or None when it was kept. Called by explicit eviction (CLI,
+    panel) and by the size budget; the key's lock is taken so no start can hand it out meanwhile.
+    """
+    try:
+        with key_lock(user_dir, key, timeout=0):
+            entry = read_marker(user_dir, key)
+            if entry is None:
+                remove_unpublished(user_dir, key)
+                return None
+            entry.in_use = count_leases(user_dir, key)
+            if entry.in_use or time.time() - entry.last_used < min_idle:
+                return None
+            remove_entry(user_dir, key)
+            return entry
+    except Timeout:
+        log.info("not evicting %s: it is being staged right now", key)
+        return None
 
 
 def remove_unpublished(user_dir: Path, key: str) -> None:
@@ -213,3 +288,4 @@ def remove_entry(user_dir: Path, key: str) -> None:
     except FileNotFoundError:
         pass
     shutil.rmtree(user_dir / key, ignore_errors=True)
+    shutil.rmtree(lease_dir(user_dir, key), ignore_errors=True)

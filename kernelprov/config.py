@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from traitlets import Float, TraitError, Unicode, default, validate
+from traitlets import Float, Int, TraitError, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
 from .cache import default_cache_root
@@ -52,6 +52,32 @@ class KernelprovConfig(LoggingConfigurable):
         except ValueError:
             self.log.warning("Ignoring KERNELPROV_LOCK_TIMEOUT=%r: not a number", value)
             return DEFAULT_LOCK_TIMEOUT
+
+    cache_max_bytes = Int(
+        config=True,
+        help="""Size budget of each user's cache on a node, in bytes: after a fresh unpack the
+        least recently used environments that no running kernel uses are evicted until the cache
+        fits. 0 means no budget. Default: $KERNELPROV_CACHE_MAX_BYTES, else 0.""",
+    )
+
+    @default("cache_max_bytes")
+    def _cache_max_bytes_default(self) -> int:
+        value = os.environ.get("KERNELPROV_CACHE_MAX_BYTES", "")
+        try:
+            return int(float(value)) if value else 0
+        except ValueError:
+            self.log.warning("Ignoring KERNELPROV_CACHE_MAX_BYTES=%r: not a number of bytes", value)
+            return 0
+
+    @validate("cache_max_bytes")
+    def _validate_cache_max_bytes(self, proposal) -> int:
+        if proposal["value"] < 0:
+            raise TraitError("cache_max_bytes must be 0 (no budget) or a positive number of bytes")
+        return proposal["value"]
+
+    def stage_options(self) -> dict:
+        """Keyword arguments for :func:`kernelprov.stage.ensure_staged` from these settings."""
+        return {"cache_root": self.cache_dir, "lock_timeout": self.lock_timeout, "max_bytes": self.cache_max_bytes}
 
     @validate("lock_timeout")
     def _validate_lock_timeout(self, proposal) -> float:

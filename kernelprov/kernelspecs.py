@@ -52,6 +52,11 @@ if [ -z "${{KERNELPROV_ENV:-}}" ] || [ "${{KERNELPROV_ARCHIVE:-}}" != "$archive"
     KERNELPROV_ENV="$({stager} -m kernelprov unpack --quiet "$archive")"
     export KERNELPROV_ENV KERNELPROV_ARCHIVE="$archive"
 fi
+# Lease the env for as long as this kernel (or anything it starts) lives: the flock is inherited
+# by the kernel and released by the kernel's death, so eviction never removes an env in use.
+if command -v flock >/dev/null 2>&1 && mkdir -p "$KERNELPROV_ENV.leases" 2>/dev/null; then
+    lease="$(mktemp "$KERNELPROV_ENV.leases/XXXXXXXX")" && exec 9>"$lease" && flock -n 9 || true
+fi
 # conda-pack's activate sets CONDA_PREFIX and PATH and runs etc/conda/activate.d/*.sh; it does
 # nothing when CONDA_PREFIX already names this env, so clear what the provisioner set.
 unset CONDA_PREFIX

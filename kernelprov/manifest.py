@@ -8,13 +8,14 @@ An archive without a manifest still works; it is just not verified.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .archive import scan
 from .errors import ArchiveError
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class Manifest:
     size: int
     sha256: str
     members: int | None = None
+    unpacked_bytes: int | None = None
     python_version: str | None = None
     packages: int | None = None
     source_prefix: str | None = None
@@ -68,10 +70,9 @@ def write_manifest(archive: Path, manifest: Manifest) -> Path:
     return path
 
 
-def sha256_of(path: Path) -> str:
-    """Hash a file in one sequential read; used at pack/install time, never at kernel start."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+def manifest_for(archive: Path, **details) -> Manifest:
+    """Scan ``archive`` once (hash, members, unpacked size) into a manifest; ``details`` adds
+    what the packer knows (python version, package count, source prefix)."""
+    found = scan(archive)
+    return Manifest(format=found.format, size=found.size, sha256=found.sha256, members=found.members,
+                    unpacked_bytes=found.unpacked_bytes, created=time.time(), **details)

@@ -13,12 +13,10 @@ import json
 import logging
 import os
 import tempfile
-import time
 from pathlib import Path
 
-from .archive import detect_format
 from .errors import PackError
-from .manifest import Manifest, manifest_path, read_manifest, sha256_of, write_manifest
+from .manifest import Manifest, manifest_for, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +74,11 @@ def pack_env(
     try:
         env.pack(output=tmp, format=fmt, force=True, verbose=verbose)
         os.chmod(tmp, 0o644)
-        manifest = Manifest(
-            format=detect_format(Path(tmp)),
-            size=os.path.getsize(tmp),
-            sha256=sha256_of(Path(tmp)),
+        manifest = manifest_for(
+            Path(tmp),
             python_version=_python_version(Path(env.prefix)),
             packages=len(glob.glob(os.path.join(env.prefix, "conda-meta", "*.json"))),
             source_prefix=env.prefix,
-            created=time.time(),
         )
         os.replace(tmp, output)
     except conda_pack.CondaPackException as err:
@@ -102,14 +97,15 @@ def describe_archive(archive: Path) -> Manifest:
     Reads the archive once, at install time, so every later kernel start can verify it.
     """
     archive = Path(archive)
-    if not manifest_path(archive).exists():
-        if not os.access(manifest_path(archive).parent, os.W_OK):
-            log.warning("cannot write a manifest beside %s; kernels will start without an integrity check", archive)
-            return Manifest(format=detect_format(archive), size=os.path.getsize(archive), sha256="")
-        write_manifest(archive, Manifest(
-            format=detect_format(archive), size=os.path.getsize(archive), sha256=sha256_of(archive), created=time.time()
-        ))
-    return read_manifest(archive)
+    existing = read_manifest(archive)
+    if existing is not None:
+        return existing
+    manifest = manifest_for(archive)
+    if os.access(archive.parent, os.W_OK):
+        write_manifest(archive, manifest)
+    else:
+        log.warning("cannot write a manifest beside %s; kernels will start without an integrity check", archive)
+    return manifest
 
 
 def _python_version(prefix: Path) -> str | None:

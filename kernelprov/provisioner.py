@@ -19,6 +19,30 @@ from .config import KernelprovConfig
 from .errors import KernelprovError
 from .stage import StagedEnv, ensure_staged
 
+try:  # jupyter_server shows an HTTPError's message in JupyterLab; any other exception as "Unhandled error"
+    from tornado.web import HTTPError as _ServerError
+except ImportError:  # pragma: no cover - a client without tornado just sees a KernelprovError
+    _ServerError = Exception  # type: ignore[assignment,misc]
+
+
+class KernelStartError(KernelprovError, _ServerError):  # type: ignore[misc,valid-type]
+    """A kernel start that failed for a reason the researcher can act on.
+
+    Also a ``tornado.web.HTTPError`` when tornado is installed, so that jupyter_server puts this
+    message — not "Unhandled error" — into the ``POST /api/sessions`` reply that JupyterLab's
+    "Error Starting Kernel" dialog displays.
+    """
+
+    def __init__(self, message: str):
+        if _ServerError is Exception:
+            super().__init__(message)
+        else:
+            _ServerError.__init__(self, 500, message, reason="Error Starting Kernel")
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
 
 class KernelprovProvisioner(KernelprovConfig, LocalProvisioner):  # type: ignore[misc]
     """A LocalProvisioner whose kernels run from a conda-pack archive staged on local disk."""
@@ -41,13 +65,15 @@ class KernelprovProvisioner(KernelprovConfig, LocalProvisioner):  # type: ignore
         JupyterLab shows in its "Error Starting Kernel" dialog.
         """
         if not self.archive:
-            raise KernelprovError(
+            raise KernelStartError(
                 f"Kernel {self.kernel_spec.display_name!r} names no archive in its kernel_provisioner config; reinstall it with `kernelprov install`."
             )
         self.log.info("kernelprov: staging %s for kernel %s", self.archive, self.kernel_id)
-        self.staged_env = await asyncio.to_thread(
-            ensure_staged, self.archive, cache_root=self.cache_dir, lock_timeout=self.lock_timeout
-        )
+        try:
+            self.staged_env = await asyncio.to_thread(ensure_staged, self.archive, **self.stage_options())
+        except KernelprovError as err:
+            self.log.error("kernelprov: cannot start kernel %s: %s", self.kernel_id, err)
+            raise KernelStartError(str(err)) from err
         staged = self.staged_env
         self.log.info(
             "kernelprov: %s %s in %.2f s", "unpacked" if staged.extracted else "reusing", staged.prefix, staged.seconds

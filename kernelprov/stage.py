@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock, Timeout
+from filelock import Timeout
 
 from . import archive as archive_io
 from . import cache
@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 #: How long a start waits for another process that is staging the same archive.
 DEFAULT_LOCK_TIMEOUT = 1800.0
+#: The size budget never evicts an env used this recently: a kernel may be starting from it.
+BUDGET_MIN_IDLE_SECONDS = 300.0
 
 
 @dataclass
@@ -70,11 +72,13 @@ def ensure_staged(
     cache_root: Path | str | None = None,
     progress: archive_io.ProgressCallback | None = None,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    max_bytes: int = 0,
 ) -> StagedEnv:
     """Return the staged env for ``archive``, unpacking it into the user's cache if needed.
 
     Safe to call from many processes and threads at once: one extracts, the others wait on the
-    archive's lock and then reuse its result. Raises :class:`~kernelprov.errors.KernelprovError`
+    archive's lock and then reuse its result. After a fresh unpack, least-recently-used envs that
+    no kernel uses are evicted until the cache fits ``max_bytes`` (0: no budget). Raises :class:`~kernelprov.errors.KernelprovError`
     subclasses whose message a researcher can act on.
     """
     started = time.monotonic()
@@ -88,9 +92,8 @@ def ensure_staged(
         cache.touch(user_dir, key)
         return StagedEnv(user_dir / key, key, archive, False, time.monotonic() - started)
 
-    lock = FileLock(str(user_dir / f"{key}.lock"), timeout=lock_timeout)
     try:
-        with lock:
+        with cache.key_lock(user_dir, key, lock_timeout):
             if cache.read_marker(user_dir, key) is not None:  # another process just staged it
                 cache.touch(user_dir, key)
                 return StagedEnv(user_dir / key, key, archive, False, time.monotonic() - started)
@@ -102,7 +105,59 @@ def ensure_staged(
         ) from None
     seconds = time.monotonic() - started
     log.info("staged %s into %s in %.1f s", archive, user_dir / key, seconds)
+    if max_bytes:
+        enforce_budget(user_dir, max_bytes, keep=key)
     return StagedEnv(user_dir / key, key, archive, True, seconds)
+
+
+def _evict_idle(user_dir: Path, *, keep: str, min_idle: float, enough) -> list[cache.CacheEntry]:
+    """Evict least-recently-used, unleased envs (never ``keep``) until ``enough()`` holds."""
+    evicted = []
+    for entry in reversed(cache.entries(user_dir)):
+        if enough():
+            break
+        if entry.key != keep and not entry.in_use:
+            gone = cache.try_evict(user_dir, entry.key, min_idle=min_idle)
+            if gone is not None:
+                log.info("evicted %s (%s bytes, last used %s)", gone.prefix, gone.env_bytes, time.ctime(gone.last_used))
+                evicted.append(gone)
+    return evicted
+
+
+def enforce_budget(user_dir: Path, max_bytes: int, *, keep: str) -> list[cache.CacheEntry]:
+    """Evict LRU envs that no kernel uses until this user's cache holds at most ``max_bytes``."""
+    def fits() -> bool:
+        return sum(e.env_bytes for e in cache.entries(user_dir)) <= max_bytes
+
+    return _evict_idle(user_dir, keep=keep, min_idle=BUDGET_MIN_IDLE_SECONDS, enough=fits)
+
+
+def _ensure_space(archive: Path, st: os.stat_result, manifest, user_dir: Path, key: str) -> None:
+    """Fail before writing anything when the local disk cannot hold the env (bytes or inodes),
+    after first evicting idle envs to make room."""
+    if manifest is not None and manifest.unpacked_bytes is not None:
+        members = manifest.members or 0
+        # File data plus, on average, half a 4 KiB block of slack per entry.
+        needed_bytes, needed_inodes = manifest.unpacked_bytes + members * 2048, members
+    else:
+        needed_bytes, needed_inodes = st.st_size, 0  # unknown; an env is never smaller than its archive
+
+    def enough() -> bool:
+        vfs = os.statvfs(user_dir)
+        return vfs.f_bavail * vfs.f_frsize >= needed_bytes and (not vfs.f_files or vfs.f_favail >= needed_inodes)
+
+    if enough() or (_evict_idle(user_dir, keep=key, min_idle=BUDGET_MIN_IDLE_SECONDS, enough=enough) and enough()):
+        return
+    vfs = os.statvfs(user_dir)
+    raise CacheError(
+        f"Not enough space in {user_dir} to unpack {archive.name}: it needs about {_mb(needed_bytes)} and "
+        f"{needed_inodes} files, but only {_mb(vfs.f_bavail * vfs.f_frsize)} and {vfs.f_favail} files are free; "
+        "free space there (`kernelprov cache clean`) or set KERNELPROV_CACHE_DIR to a larger local directory."
+    )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
 def _stage_locked(archive: Path, st: os.stat_result, user_dir: Path, key: str, progress) -> None:
@@ -115,6 +170,7 @@ def _stage_locked(archive: Path, st: os.stat_result, user_dir: Path, key: str, p
         )
     if manifest is None:
         log.warning("%s has no manifest; extracting it without an integrity check", archive)
+    _ensure_space(archive, st, manifest, user_dir, key)
     final = user_dir / key
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{key}-", dir=user_dir))
     try:
@@ -137,9 +193,11 @@ def _stage_locked(archive: Path, st: os.stat_result, user_dir: Path, key: str, p
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            needed = manifest.unpacked_bytes if manifest is not None and manifest.unpacked_bytes else None
             raise CacheError(
-                f"The local disk at {user_dir} ran out of space while unpacking {archive} ({st.st_size} bytes compressed); "
-                "free space there or set KERNELPROV_CACHE_DIR to a larger local directory."
+                f"The local disk at {user_dir} ran out of space while unpacking {archive.name}"
+                + (f" (it needs about {_mb(needed)})" if needed else "")
+                + "; free space there (`kernelprov cache clean`) or set KERNELPROV_CACHE_DIR to a larger local directory."
             ) from err
         raise CacheError(f"Unpacking {archive} into {user_dir} failed: {err}.") from err
     except BaseException:
@@ -167,35 +225,51 @@ def _check_unchanged(archive: Path, before: os.stat_result) -> None:
 
 
 def find_staged(archive: Path | str, *, cache_root: Path | str | None = None) -> cache.CacheEntry | None:
-    """The staged copy of ``archive``'s current version, if this user has one on this node.
-
-    Called by ``kernelprov list`` and the REST API to show state without staging anything.
-    """
+    """The staged copy of ``archive``'s current version (with its lease count), if this user has
+    one on this node. Called by ``kernelprov list`` and the REST API; stages nothing."""
     archive = Path(archive).expanduser().absolute()
     try:
         st = os.stat(archive)
     except OSError:
         return None
     user_dir = cache.user_cache_dir(Path(cache_root) if cache_root else cache.default_cache_root())
-    return cache.read_marker(user_dir, cache.archive_key(archive, st))
+    entry = cache.read_marker(user_dir, cache.archive_key(archive, st))
+    if entry is not None:
+        entry.in_use = cache.count_leases(user_dir, entry.key)
+    return entry
+
+
+def evict(archive: Path | str, *, cache_root: Path | str | None = None) -> cache.CacheEntry:
+    """Remove the staged copy of ``archive``; refuse while a kernel uses it.
+
+    Called by the panel's Evict action (through the REST API).
+    """
+    entry = find_staged(archive, cache_root=cache_root)
+    if entry is None:
+        raise CacheError(f"{Path(archive).name} is not staged on this node.")
+    if entry.in_use:
+        raise CacheError(
+            f"{entry.name} is in use by {entry.in_use} running kernel(s); shut them down before evicting it."
+        )
+    gone = cache.try_evict(entry.prefix.parent, entry.key)
+    if gone is None:
+        raise CacheError(f"{entry.name} is being staged or just started a kernel; try again in a moment.")
+    return gone
 
 
 def clean(*, cache_root: Path | str | None = None) -> list[cache.CacheEntry]:
-    """Evict every staged env of this user that nobody is staging right now; return the evicted.
+    """Evict every staged env of this user that no kernel uses and nobody is staging; return them.
 
-    Called by ``kernelprov cache clean``. A key whose lock is held (a stage in progress) is skipped.
+    Called by ``kernelprov cache clean``; also removes leftovers of killed stages.
     """
     user_dir = cache.user_cache_dir(Path(cache_root) if cache_root else cache.default_cache_root())
     evicted = []
-    keys = {entry.key: entry for entry in cache.entries(user_dir)}
-    keys.update({p.name.split("-")[1]: None for p in user_dir.glob(".staging-*-*")})
-    for key, entry in keys.items():
-        try:
-            with FileLock(str(user_dir / f"{key}.lock"), timeout=0):
-                cache.remove_unpublished(user_dir, key)
-                if entry is not None:
-                    cache.remove_entry(user_dir, key)
-                    evicted.append(entry)
-        except Timeout:
-            log.info("skipping %s: it is being staged right now", key)
+    for entry in cache.entries(user_dir):
+        gone = None if entry.in_use else cache.try_evict(user_dir, entry.key)
+        if gone is None:
+            log.info("keeping %s: in use by %s kernel(s) or being staged", entry.prefix, entry.in_use)
+        else:
+            evicted.append(gone)
+    for leftover in {p.name.split("-")[1] for p in user_dir.glob(".staging-*-*")}:
+        cache.try_evict(user_dir, leftover)
     return evicted

@@ -1,0 +1,133 @@
+"""The REST API of the JupyterLab panel: ``/kernelprov/envs`` and ``/kernelprov/envs/<name>/stage``.
+
+Registered by :func:`kernelprov.serverext._load_jupyter_server_extension`. The handlers are thin:
+they authenticate and authorize every request, accept kernel names only (never paths), run the
+blocking work of :class:`~kernelprov.serverext.KernelprovEnvironments` in worker threads, and turn
+its :class:`~kernelprov.errors.KernelprovError` into an HTTP status in one place,
+:meth:`KernelprovHandler.write_error`. Writes are XSRF-checked by jupyter_server's ``APIHandler``.
+
+======  ==============================  ===================================================
+GET     /kernelprov/envs                ``{"envs": [...], "cache_dir": ...}`` (200)
+POST    /kernelprov/envs/<name>/stage   start a pre-warm; the env's description (202)
+DELETE  /kernelprov/envs/<name>/stage   evict the staged copy; the env's description (200),
+                                        404 when nothing is staged, 409 while in use
+======  ==============================  ===================================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from http.client import responses
+from typing import TYPE_CHECKING, Any
+
+from jupyter_server.auth.decorator import authorized
+from jupyter_server.base.handlers import APIHandler
+from jupyter_server.utils import url_path_join
+from tornado import web
+
+from .errors import ArchiveError, CacheError, KernelprovError, KernelspecError
+from .kernelspecs import KernelprovKernel, validate_name
+
+if TYPE_CHECKING:
+    from .serverext import KernelprovEnvironments
+
+#: The resource name an Authorizer sees for every request to this API ("read" or "write").
+AUTH_RESOURCE = "kernelprov"
+SETTINGS_KEY = "kernelprov_environments"
+
+#: Domain errors → HTTP status, first match wins; any other KernelprovError is a 500.
+ERROR_STATUS: tuple[tuple[type[Exception], int], ...] = (
+    (KernelspecError, 400),  # a bad kernel name
+    (ArchiveError, 409),  # the archive is missing, unreadable or corrupt: fix it, then retry
+    (CacheError, 409),  # in use, being staged, or the local disk cannot take it
+    (NotImplementedError, 501),  # the engine lacks an operation
+)
+
+
+def status_for(error: BaseException) -> int | None:
+    """The HTTP status for a domain error, None for anything else (a bug: 500 with a traceback)."""
+    for kind, status in ERROR_STATUS:
+        if isinstance(error, kind):
+            return status
+    return 500 if isinstance(error, KernelprovError) else None
+
+
+class KernelprovHandler(APIHandler):
+    """Base of the panel's handlers: authorization resource, kernel lookup, error mapping."""
+
+    auth_resource = AUTH_RESOURCE
+
+    @property
+    def environments(self) -> KernelprovEnvironments:
+        return self.settings[SETTINGS_KEY]
+
+    async def kernel(self, name: str) -> KernelprovKernel:
+        """The kernelprov kernel named in the URL: 400 for a name that is not one, 404 if unknown."""
+        validate_name(name)
+        kernel = await asyncio.to_thread(self.environments.find, name)
+        if kernel is None:
+            raise web.HTTPError(404, f"No kernelprov kernel named {name!r} on this server.")
+        return kernel
+
+    async def reply(self, kernel: KernelprovKernel, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(await asyncio.to_thread(self.environments.describe, kernel)))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Domain errors become their status and a one-sentence ``message``; the rest as jupyter_server does."""
+        error = kwargs.get("exc_info", (None, None, None))[1]
+        status = status_for(error) if error is not None else None
+        if status is None:
+            super().write_error(status_code, **kwargs)
+            return
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"message": str(error), "reason": responses.get(status)}))
+
+    def log_exception(self, typ, value, tb) -> None:
+        """A domain error is the user's to act on, not a server bug: one warning line, no traceback."""
+        if value is not None and status_for(value) is not None:
+            self.log.warning("kernelprov: %s %s: %s", self.request.method, self.request.path, value)
+            return
+        super().log_exception(typ, value, tb)
+
+
+class EnvironmentsHandler(KernelprovHandler):
+    """``/kernelprov/envs``: what the panel's table shows."""
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        envs = await asyncio.to_thread(self.environments.describe_all)
+        self.finish(json.dumps({"envs": envs, "cache_dir": self.environments.cache_dir}))
+
+
+class StageHandler(KernelprovHandler):
+    """``/kernelprov/envs/<name>/stage``: pre-warm (POST) or evict (DELETE) one env on this node."""
+
+    @web.authenticated
+    @authorized
+    async def post(self, name: str) -> None:
+        kernel = await self.kernel(name)
+        await asyncio.to_thread(self.environments.start_staging, kernel)
+        await self.reply(kernel, 202)
+
+    @web.authenticated
+    @authorized
+    async def delete(self, name: str) -> None:
+        kernel = await self.kernel(name)
+        evicted = await asyncio.to_thread(self.environments.evict, kernel)
+        if evicted is None:
+            raise web.HTTPError(404, f"{kernel.name} is not staged on this node.")
+        await self.reply(kernel)
+
+
+def setup_handlers(web_app: web.Application, environments: KernelprovEnvironments) -> None:
+    """The one route table; called once by the extension loader."""
+    web_app.settings[SETTINGS_KEY] = environments
+    base_url = web_app.settings["base_url"]
+    web_app.add_handlers(".*$", [
+        (url_path_join(base_url, "kernelprov", "envs"), EnvironmentsHandler),
+        (url_path_join(base_url, "kernelprov", "envs", "([^/]+)", "stage"), StageHandler),
+    ])
