@@ -322,15 +322,32 @@ def _tar_members(tar: tarfile.TarFile, archive: Path, dest: str) -> Iterator[tup
         yield member, tar.extractfile(info) if kind == "file" else None
 
 
-def _check_tar_end(stream: BinaryIO, archive: Path) -> None:
-    """Fail if anything but zero padding follows the end of the tar stream.
+class _EndCheckingTarInfo(tarfile.TarInfo):
+    """Records why tarfile stopped reading headers, which it otherwise keeps to itself.
 
-    tarfile (and GNU tar) stop silently at a damaged header, e.g. conda-pack's corrupt entries
-    for hard-linked files; without this check a half-extracted env would look complete.
+    tarfile (like GNU tar) ends iteration *silently* at an invalid, truncated or missing header
+    once past the first member — e.g. conda-pack's corrupt entries for hard-linked files, or an
+    archive cut at a header boundary — so a half-extracted env would look complete. Only an
+    all-zero block (``EOFHeaderError``) is a real end of archive.
     """
-    while chunk := stream.read(_CHUNK):
-        if chunk.count(0) != len(chunk):
-            raise ArchiveError(f"{archive} is corrupt: extraction stopped at a damaged entry; re-create the archive.")
+
+    @classmethod
+    def fromtarfile(cls, tarfile_obj):
+        try:
+            return super().fromtarfile(tarfile_obj)
+        except tarfile.HeaderError as err:
+            tarfile_obj.kernelprov_end = err
+            raise
+
+
+def _open_tar_stream(stream: BinaryIO) -> tarfile.TarFile:
+    return tarfile.open(fileobj=stream, mode="r|", tarinfo=_EndCheckingTarInfo)
+
+
+def _check_tar_end(tar: tarfile.TarFile, archive: Path) -> None:
+    """Fail unless the tar stream ended with its end-of-archive marker (see _EndCheckingTarInfo)."""
+    if not isinstance(getattr(tar, "kernelprov_end", None), tarfile.EOFHeaderError):
+        raise ArchiveError(f"{archive} is truncated or corrupt: extraction stopped at a damaged or missing entry; re-create the archive.")
 
 
 def _zip_members(zf: zipfile.ZipFile, archive: Path) -> Iterator[tuple[_Member, BinaryIO | None]]:
@@ -344,7 +361,7 @@ def _zip_members(zf: zipfile.ZipFile, archive: Path) -> Iterator[tuple[_Member, 
         elif stat.S_ISLNK(unix_mode):
             target = zf.read(info).decode("utf-8", "surrogateescape")
             yield _Member(name, "symlink", 0o777, mtime, target), None
-        elif unix_mode and not stat.S_ISREG(unix_mode):
+        elif stat.S_IFMT(unix_mode) not in (0, stat.S_IFREG):  # many zip writers leave the type unset
             raise ArchiveError(f"Refusing {archive}: member {info.filename!r} is a device, FIFO or other special file.")
         else:
             with zf.open(info) as data:
@@ -388,10 +405,9 @@ def extract(archive: Path, dest: Path, *, progress: ProgressCallback | None = No
                 raw_file.seek(0)
                 reader.drain()
             else:
-                stream = _decompressor(fmt, reader)
-                with tarfile.open(fileobj=stream, mode="r|") as tar:
+                with _open_tar_stream(_decompressor(fmt, reader)) as tar:
                     _write_all(_tar_members(tar, archive, str(dest)), writer)
-                    _check_tar_end(stream, archive)
+                    _check_tar_end(tar, archive)
                 reader.drain()
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError) as err:
             raise ArchiveError(f"{archive} is truncated or corrupt ({err}); re-create it with `kernelprov pack`.") from err
@@ -450,13 +466,12 @@ def scan(archive: Path, *, progress: ProgressCallback | None = None) -> ScanResu
                             unpacked += info.file_size
                 raw_file.seek(0)
             elif fmt != "squashfs":
-                stream = _decompressor(fmt, reader)
-                with tarfile.open(fileobj=stream, mode="r|") as tar:
+                with _open_tar_stream(_decompressor(fmt, reader)) as tar:
                     for info in tar:
                         if normalise_member_name(info.name, archive):
                             members += 1
                             unpacked += info.size if info.isreg() else 0
-                    _check_tar_end(stream, archive)
+                    _check_tar_end(tar, archive)
             reader.drain()
         except (tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError) as err:
             raise ArchiveError(f"{archive} is truncated or corrupt ({err}); re-create it with `kernelprov pack`.") from err
