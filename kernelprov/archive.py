@@ -241,7 +241,7 @@ class _TreeWriter:
             written = 0
             if data is not None:
                 while chunk := data.read(_CHUNK):
-                    written += os.write(fd, chunk)
+                    written += _write_fully(fd, chunk)
             if mode & self.umask:
                 os.fchmod(fd, mode)  # open() applied the umask; restore the archive's mode
             os.utime(fd, (member.mtime, member.mtime))
@@ -276,6 +276,14 @@ class _TreeWriter:
             os.chmod(path, (mode & 0o777) | 0o700)
             if mtime:
                 os.utime(path, (mtime, mtime))
+
+
+def _write_fully(fd: int, chunk: bytes) -> int:
+    """Write all of ``chunk``: a nearly full disk makes write() short before it raises ENOSPC."""
+    view = memoryview(chunk)
+    while view:
+        view = view[os.write(fd, view):]
+    return len(chunk)
 
 
 def _current_umask() -> int:
