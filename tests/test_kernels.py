@@ -74,16 +74,18 @@ async def test_kernel_runs_from_the_staged_env_and_restart_reuses_it(installed_k
         await km.shutdown_kernel(now=True)
 
 
-async def test_two_kernels_starting_at_once_extract_once(installed_kernel, cache_root):
-    managers = [AsyncKernelManager(kernel_name=installed_kernel) for _ in range(2)]
-    await asyncio.gather(*(km.start_kernel() for km in managers))
+async def test_eight_kernels_starting_at_once_extract_once_and_all_run(installed_kernel, cache_root):
+    managers = [AsyncKernelManager(kernel_name=installed_kernel) for _ in range(8)]
     try:
+        await asyncio.gather(*(km.start_kernel() for km in managers))
         staged = [km.provisioner.staged_env for km in managers]
-        assert sorted(s.extracted for s in staged) == [False, True]
-        prefixes = [(await probe(km))["prefix"] for km in managers]
-        assert prefixes[0] == prefixes[1] == str(staged[0].prefix)
+        assert sorted(s.extracted for s in staged) == [False] * 7 + [True]
+        # Every kernel runs, from the one published env: none saw a half-staged tree.
+        seen = await asyncio.gather(*(probe(km) for km in managers))
+        assert {s["prefix"] for s in seen} == {str(staged[0].prefix)}
+        assert all(s["ipykernel"].startswith(s["prefix"] + "/lib/") for s in seen)
     finally:
-        await asyncio.gather(*(km.shutdown_kernel(now=True) for km in managers))
+        await asyncio.gather(*(km.shutdown_kernel(now=True) for km in managers if km.has_kernel))
 
 
 async def test_run_sh_stages_the_env_without_the_provisioner(installed_kernel, jp_data_dir, cache_root):

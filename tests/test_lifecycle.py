@@ -1,0 +1,121 @@
+"""Guarantee: the cache stays within its budget by evicting least-recently-used envs, and an env
+that a running kernel uses is never evicted — its lease dies with the kernel process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import time
+
+import pytest
+from jupyter_client.manager import AsyncKernelManager
+
+from kernelprov import cache
+from kernelprov.app import main
+from kernelprov.errors import CacheError
+from kernelprov.stage import clean, ensure_staged, evict, find_staged
+
+
+def _age(entry_or_staged, seconds: float = 3600) -> None:
+    """Pretend an env was last used ``seconds`` ago (the marker's mtime is its last use)."""
+    user_dir, key = entry_or_staged.prefix.parent, entry_or_staged.key
+    past = time.time() - seconds
+    os.utime(cache.marker_path(user_dir, key), (past, past))
+
+
+def _versions(copy_archive, tiny_archives, n: int):
+    """n distinct archives (distinct keys) of the tiny env."""
+    return [copy_archive(tiny_archives["tar.gz"], f"v{i}.tar.gz") for i in range(n)]
+
+
+def test_budget_evicts_least_recently_used_first(tiny_archives, copy_archive, cache_root):
+    a, b, c = _versions(copy_archive, tiny_archives, 3)
+    first, second = ensure_staged(a), ensure_staged(b)
+    size = cache.read_marker(first.prefix.parent, first.key).env_bytes
+    _age(first, 7200)
+    _age(second, 3600)  # used more recently than the first
+
+    third = ensure_staged(c, max_bytes=2 * size)
+
+    assert not first.prefix.exists() and find_staged(a) is None  # least recently used: gone
+    assert second.prefix.exists() and third.prefix.exists()
+
+
+def test_budget_never_evicts_what_was_just_used(tiny_archives, copy_archive, cache_root):
+    a, b = _versions(copy_archive, tiny_archives, 2)
+    first = ensure_staged(a)
+    ensure_staged(b, max_bytes=1)  # over budget, but the first env was used seconds ago
+    assert first.prefix.exists()
+
+
+def test_a_held_lease_blocks_eviction_until_its_process_dies(tiny_archives, copy_archive, cache_root):
+    a, b = _versions(copy_archive, tiny_archives, 2)
+    staged = ensure_staged(a)
+    _age(staged)
+    leases = cache.lease_dir(staged.prefix.parent, staged.key)
+    leases.mkdir()
+    holder = subprocess.Popen(["bash", "-c", f'exec 9>"{leases}/kernel"; flock -n 9; echo locked; exec sleep 60'],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert find_staged(a).in_use == 1
+        with pytest.raises(CacheError, match=r"in use by 1 running kernel\(s\); shut them down"):
+            evict(a)
+        ensure_staged(b, max_bytes=1)
+        assert clean() and staged.prefix.exists()  # clean removed b, kept the leased a
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    past = time.time() - 2 * cache.LEASE_GRACE_SECONDS
+    os.utime(leases / "kernel", (past, past))
+
+    assert find_staged(a).in_use == 0  # the lock died with the process
+    assert evict(a).key == staged.key and not staged.prefix.exists()
+
+
+async def test_a_running_kernel_holds_its_env(kernel_environ, runnable_archive, cache_root, capsys):
+    assert main(["install", "demo", "--archive", str(runnable_archive)]) == 0
+    km = AsyncKernelManager(kernel_name="demo")
+    await km.start_kernel()
+    try:
+        client = km.client()
+        client.start_channels()
+        await client.wait_for_ready(timeout=60)
+        client.stop_channels()
+        staged = km.provisioner.staged_env
+        capsys.readouterr()
+
+        assert main(["cache", "list", "--json"]) == 0
+        listed = json.loads(capsys.readouterr().out)
+        assert [(e["prefix"], e["in_use"]) for e in listed] == [(str(staged.prefix), 1)]
+        with pytest.raises(CacheError, match="in use by 1 running kernel"):
+            evict(runnable_archive)
+        assert main(["cache", "clean"]) == 0
+        assert "Kept 1 in use" in capsys.readouterr().out and staged.prefix.exists()
+    finally:
+        await km.shutdown_kernel(now=True)
+    # The kernel is gone, so is its lock; the lease file itself is young, so age it past the grace.
+    await asyncio.sleep(0.2)
+    for lease in cache.lease_dir(staged.prefix.parent, staged.key).iterdir():
+        past = time.time() - 2 * cache.LEASE_GRACE_SECONDS
+        os.utime(lease, (past, past))
+    assert find_staged(runnable_archive).in_use == 0
+    assert evict(runnable_archive).key == staged.key and not staged.prefix.exists()
+
+
+def test_cache_list_shows_size_last_use_and_use(tiny_archives, cache_root, capsys):
+    ensure_staged(tiny_archives["tar.zst"])
+    assert main(["cache", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny" in out and "MB" in out and "no" in out and time.strftime("%Y-%m-%d") in out
+
+
+def test_budget_setting_comes_from_the_environment(monkeypatch):
+    from kernelprov.config import KernelprovConfig
+
+    monkeypatch.setenv("KERNELPROV_CACHE_MAX_BYTES", "5e9")
+    assert KernelprovConfig().cache_max_bytes == 5_000_000_000
+    assert KernelprovConfig().stage_options()["max_bytes"] == 5_000_000_000
