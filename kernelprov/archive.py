@@ -26,9 +26,10 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 from .errors import ArchiveError
+from .tarstream import TarEntry, TarFormatError, TarStream
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ class _TreeWriter:
             self.result.files.discard(member.name)
             self.symlinks.discard(member.name)
 
-    def add(self, member: _Member, data: BinaryIO | None) -> None:
+    def add(self, member: _Member, chunks: Iterable[bytes] | None) -> None:
         if not member.name:
             return  # the archive root itself
         path = self._ensure_parent(member)
@@ -239,9 +240,8 @@ class _TreeWriter:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
         try:
             written = 0
-            if data is not None:
-                while chunk := data.read(_CHUNK):
-                    written += _write_fully(fd, chunk)
+            for chunk in chunks or ():
+                written += _write_fully(fd, chunk)
             if mode & self.umask:
                 os.fchmod(fd, mode)  # open() applied the umask; restore the archive's mode
             os.utime(fd, (member.mtime, member.mtime))
@@ -298,64 +298,34 @@ def _current_umask() -> int:
     return 0o777  # unknown: always fchmod
 
 
-def _second_opinion(info: tarfile.TarInfo, dest: str, archive: Path) -> None:
+def _second_opinion(entry: TarEntry, dest: str, archive: Path) -> None:
     """Also ask the standard library's ``data`` filter where this interpreter has one (3.12+, 3.11.4+).
 
-    Our own checks come first and are complete on their own; this is defence in depth.
+    Our own checks come first and are complete on their own; this is defence in depth, applied
+    to link members, where escapes live. Not to every file: the filter resolves ``realpath`` per
+    member (~18 lstat calls each), which doubled a cold start, and a regular file can only land
+    outside through a link, which we never write through (O_NOFOLLOW, parents checked).
     """
     data_filter = getattr(tarfile, "data_filter", None)
     if data_filter is None:
         return
+    info = tarfile.TarInfo(entry.name)
+    info.type = tarfile.SYMTYPE if entry.kind == "symlink" else tarfile.LNKTYPE
+    info.linkname, info.mode = entry.linkname, entry.mode
     try:
         data_filter(info, dest)
     except tarfile.FilterError as err:
-        raise ArchiveError(f"Refusing {archive}: member {info.name!r} is unsafe ({err}).") from err
+        raise ArchiveError(f"Refusing {archive}: member {entry.name!r} is unsafe ({err}).") from err
 
 
-def _tar_members(tar: tarfile.TarFile, archive: Path, dest: str) -> Iterator[tuple[_Member, BinaryIO | None]]:
-    for info in tar:
-        name = normalise_member_name(info.name, archive)
-        if info.isreg():
-            kind = "file"
-        elif info.isdir():
-            kind = "dir"
-        elif info.issym():
-            kind = "symlink"
-        elif info.islnk():
-            kind = "hardlink"
-        else:
-            raise ArchiveError(f"Refusing {archive}: member {info.name!r} is a device, FIFO or other special file.")
-        _second_opinion(info, dest, archive)
-        member = _Member(name, kind, info.mode, float(info.mtime), info.linkname, info.size)
-        yield member, tar.extractfile(info) if kind == "file" else None
-
-
-class _EndCheckingTarInfo(tarfile.TarInfo):
-    """Records why tarfile stopped reading headers, which it otherwise keeps to itself.
-
-    tarfile (like GNU tar) ends iteration *silently* at an invalid, truncated or missing header
-    once past the first member — e.g. conda-pack's corrupt entries for hard-linked files, or an
-    archive cut at a header boundary — so a half-extracted env would look complete. Only an
-    all-zero block (``EOFHeaderError``) is a real end of archive.
-    """
-
-    @classmethod
-    def fromtarfile(cls, tarfile_obj):
-        try:
-            return super().fromtarfile(tarfile_obj)
-        except tarfile.HeaderError as err:
-            tarfile_obj.kernelprov_end = err
-            raise
-
-
-def _open_tar_stream(stream: BinaryIO) -> tarfile.TarFile:
-    return tarfile.open(fileobj=stream, mode="r|", tarinfo=_EndCheckingTarInfo)
-
-
-def _check_tar_end(tar: tarfile.TarFile, archive: Path) -> None:
-    """Fail unless the tar stream ended with its end-of-archive marker (see _EndCheckingTarInfo)."""
-    if not isinstance(getattr(tar, "kernelprov_end", None), tarfile.EOFHeaderError):
-        raise ArchiveError(f"{archive} is truncated or corrupt: extraction stopped at a damaged or missing entry; re-create the archive.")
+def _tar_members(stream: BinaryIO, archive: Path, dest: str) -> Iterator[tuple[_Member, Iterable[bytes] | None]]:
+    for entry, chunks in TarStream(stream).entries():
+        name = normalise_member_name(entry.name, archive)
+        if entry.kind == "special":
+            raise ArchiveError(f"Refusing {archive}: member {entry.name!r} is a device, FIFO or other special file.")
+        if entry.kind in ("symlink", "hardlink"):
+            _second_opinion(entry, dest, archive)
+        yield _Member(name, entry.kind, entry.mode, entry.mtime, entry.linkname, entry.size), chunks
 
 
 def _zip_members(zf: zipfile.ZipFile, archive: Path) -> Iterator[tuple[_Member, BinaryIO | None]]:
@@ -373,17 +343,18 @@ def _zip_members(zf: zipfile.ZipFile, archive: Path) -> Iterator[tuple[_Member, 
             raise ArchiveError(f"Refusing {archive}: member {info.filename!r} is a device, FIFO or other special file.")
         else:
             with zf.open(info) as data:
-                yield _Member(name, "file", unix_mode or 0o644, mtime, size=info.file_size), data
+                chunks = iter(lambda: data.read(_CHUNK), b"")
+                yield _Member(name, "file", unix_mode or 0o644, mtime, size=info.file_size), chunks
 
 
-def _write_all(members: Iterator[tuple[_Member, BinaryIO | None]], writer: _TreeWriter) -> None:
+def _write_all(members: Iterator[tuple[_Member, Iterable[bytes] | None]], writer: _TreeWriter) -> None:
     """Write every member, keeping conda-pack's unpack script in memory for relocate.py."""
-    for member, data in members:
-        if member.name == UNPACK_SCRIPT and member.kind == "file" and data is not None:
-            content = data.read()
+    for member, chunks in members:
+        if member.name == UNPACK_SCRIPT and member.kind == "file" and chunks is not None:
+            content = b"".join(chunks)
             writer.result.unpack_script = content
-            data = io.BytesIO(content)
-        writer.add(member, data)
+            chunks = (content,)
+        writer.add(member, chunks)
 
 
 def extract(archive: Path, dest: Path, *, progress: ProgressCallback | None = None) -> ExtractResult:
@@ -413,11 +384,9 @@ def extract(archive: Path, dest: Path, *, progress: ProgressCallback | None = No
                 raw_file.seek(0)
                 reader.drain()
             else:
-                with _open_tar_stream(_decompressor(fmt, reader)) as tar:
-                    _write_all(_tar_members(tar, archive, str(dest)), writer)
-                    _check_tar_end(tar, archive)
+                _write_all(_tar_members(_decompressor(fmt, reader), archive, str(dest)), writer)
                 reader.drain()
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError) as err:
+        except (TarFormatError, zipfile.BadZipFile, EOFError, ValueError) as err:
             raise ArchiveError(f"{archive} is truncated or corrupt ({err}); re-create it with `kernelprov pack`.") from err
         except OSError as err:
             if _is_decompression_error(err):
@@ -474,13 +443,11 @@ def scan(archive: Path, *, progress: ProgressCallback | None = None) -> ScanResu
                             unpacked += info.file_size
                 raw_file.seek(0)
             elif fmt != "squashfs":
-                with _open_tar_stream(_decompressor(fmt, reader)) as tar:
-                    for info in tar:
-                        if normalise_member_name(info.name, archive):
-                            members += 1
-                            unpacked += info.size if info.isreg() else 0
-                    _check_tar_end(tar, archive)
+                for entry, _chunks in TarStream(_decompressor(fmt, reader)).entries():
+                    if normalise_member_name(entry.name, archive):
+                        members += 1
+                        unpacked += entry.size
             reader.drain()
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, ValueError) as err:
+        except (TarFormatError, zipfile.BadZipFile, EOFError, ValueError) as err:
             raise ArchiveError(f"{archive} is truncated or corrupt ({err}); re-create it with `kernelprov pack`.") from err
     return ScanResult(fmt, size, reader.sha256.hexdigest(), members, unpacked)

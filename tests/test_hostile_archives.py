@@ -127,7 +127,7 @@ def test_a_damaged_header_in_the_middle_is_detected(tmp_path, cache_root, outsid
     raw[second_header:second_header + 100] = b"\xff" * 100
     archive.write_bytes(bytes(raw))
 
-    with pytest.raises(ArchiveError, match="damaged or missing entry"):
+    with pytest.raises(ArchiveError, match=r"is truncated or corrupt \(a tar header has a bad checksum\)"):
         ensure_staged(archive)
     assert find_staged(archive) is None
 
@@ -141,7 +141,7 @@ def test_a_plain_tar_cut_at_a_header_boundary_is_detected_even_without_a_manifes
     with open(archive, "r+b") as f:
         f.truncate(offsets[len(offsets) // 2])
 
-    with pytest.raises(ArchiveError, match="damaged or missing entry"):
+    with pytest.raises(ArchiveError, match=r"is truncated or corrupt \(the data ends before the end-of-archive marker\)"):
         ensure_staged(archive)
     assert find_staged(archive) is None
 
