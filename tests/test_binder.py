@@ -14,9 +14,11 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -117,3 +119,54 @@ def test_jupyterlab_opens_with_the_environments_panel(post_build):
     assert panel_id, "labextension/src/index.ts no longer defines PANEL_ID; update binder/workspace.json"
     assert current == panel_id.group(1)
     assert workspace["data"]["layout-restorer:data"]["left"]["collapsed"] is False
+
+
+@pytest.mark.browser
+def test_jupyterlab_shows_the_demo_environment_in_the_panel(post_build, tmp_path):
+    """What a Binder visitor sees: JupyterLab opens with the Environments panel listing the demo."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium is not installed; `bash .ci/setup.d/20-browser.sh` installs it")
+    from playwright.sync_api import sync_playwright
+
+    env, _output, dirs = post_build
+    # Binder's server env holds JupyterLab's assets itself; the stand-in venv borrows this venv's.
+    env = dict(env, JUPYTERLAB_DIR=str(Path(sys.prefix) / "share" / "jupyter" / "lab"))
+    port, token = _free_port(), os.urandom(12).hex()
+    with open(tmp_path / "lab.log", "wb") as log:
+        lab = subprocess.Popen(
+            [str(dirs["venv"] / "bin" / "python"), "-m", "jupyter", "lab", "--allow-root", "--no-browser",
+             "--ip=127.0.0.1", f"--port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
+             f"--ServerApp.root_dir={dirs['home']}", "--LabApp.news_url=None",
+             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+            env=env, cwd=dirs["home"], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+            try:
+                page = browser.new_page(viewport={"width": 1200, "height": 700})
+                deadline = time.monotonic() + 60
+                while True:  # until the server answers
+                    assert lab.poll() is None, (tmp_path / "lab.log").read_text()
+                    try:
+                        page.goto(f"http://127.0.0.1:{port}/lab?token={token}")
+                        break
+                    except Exception:  # playwright's connection-refused error has no narrower type
+                        assert time.monotonic() < deadline, (tmp_path / "lab.log").read_text()
+                        time.sleep(0.5)
+                panel = page.locator("#kernelprov-environments")
+                panel.get_by_text("Python (demo, packed)").wait_for(state="visible", timeout=60_000)
+                page.screenshot(path=str(tmp_path / "binder.png"))
+            finally:
+                browser.close()
+    finally:
+        lab.terminate()
+        lab.wait(20)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
