@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--archive", metavar="FILE", help="an existing conda-pack archive to use as is")
     install.add_argument("-o", "--output", metavar="FILE",
                          help="where to write the packed archive (default: inside the kernel dir)")
-    install.add_argument("--format", choices=("tar.zst", "tar.gz", "tar.bz2", "tar", "zip"),
+    install.add_argument("--format", choices=("tar.zst", "tar.gz", "tar.bz2", "tar", "zip", "squashfs"),
                          help="archive format when packing (default: tar.zst)")
     where = install.add_mutually_exclusive_group()
     where.add_argument("--user", action="store_true", help="install for this user (the default)")
@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     pack.add_argument("name", nargs="?", help="conda env name")
     pack.add_argument("--env-prefix", metavar="PATH", help="the conda env to pack, by path")
     pack.add_argument("-o", "--output", metavar="FILE", required=True, help="archive to write")
-    pack.add_argument("--format", choices=("tar.zst", "tar.gz", "tar.bz2", "tar", "zip"))
+    pack.add_argument("--format", choices=("tar.zst", "tar.gz", "tar.bz2", "tar", "zip", "squashfs"))
     pack.add_argument("--force", action="store_true", help="overwrite an existing archive")
 
     listing = sub.add_parser("list", help="list kernelprov kernels and whether each is staged here")
@@ -242,19 +242,17 @@ def _cmd_unpack(args) -> int:
 
 
 def _cmd_cache(args) -> int:
-    from . import cache
-    from .stage import clean
+    from .stage import clean, staged_entries, user_dirs
 
     settings = _settings(args)
     if args.cache_command == "clean":
         evicted = clean(cache_root=settings.cache_dir)
         freed = sum(e.env_bytes for e in evicted)
-        kept = [e for e in cache.entries(cache.user_cache_dir(Path(settings.cache_dir)))]
+        kept = staged_entries(cache_root=settings.cache_dir)
         print(f"Removed {len(evicted)} staged environment(s), {freed / 1e6:.1f} MB."
               + (f" Kept {len(kept)} in use or being staged." if kept else ""))
         return 0
-    user_dir = cache.user_cache_dir(Path(settings.cache_dir))
-    entries = cache.entries(user_dir)
+    entries = staged_entries(cache_root=settings.cache_dir)
     if args.json:
         print(json.dumps([{
             "name": e.name, "key": e.key, "prefix": str(e.prefix), "archive": e.archive,
@@ -263,7 +261,7 @@ def _cmd_cache(args) -> int:
         } for e in entries], indent=2))
         return 0
     if not entries:
-        print(f"No staged environments in {user_dir}.")
+        print(f"No staged environments on this node ({', '.join(map(str, user_dirs(settings.cache_dir)))}).")
         return 0
     _print_table(("name", "size", "last used", "in use", "prefix", "archive"), [
         (e.name, f"{e.env_bytes / 1e6:.1f} MB", time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)),

@@ -419,8 +419,8 @@ class ScanResult:
     format: str
     size: int
     sha256: str
-    members: int
-    unpacked_bytes: int
+    members: int | None
+    unpacked_bytes: int | None
 
 
 def scan(archive: Path, *, progress: ProgressCallback | None = None) -> ScanResult:
@@ -450,4 +450,5 @@ def scan(archive: Path, *, progress: ProgressCallback | None = None) -> ScanResu
             reader.drain()
         except (TarFormatError, zipfile.BadZipFile, EOFError, ValueError) as err:
             raise ArchiveError(f"{archive} is truncated or corrupt ({err}); re-create it with `kernelprov pack`.") from err
-    return ScanResult(fmt, size, reader.sha256.hexdigest(), members, unpacked)
+    return ScanResult(fmt, size, reader.sha256.hexdigest(), members if fmt != "squashfs" else None,
+                      unpacked if fmt != "squashfs" else None)

@@ -9,6 +9,7 @@ list and clean it. Layout under the cache root (``$KERNELPROV_CACHE_DIR``, ``$SL
         <key>.json                the marker: written last, only a marked env is ever reused
         <key>.lock                serialises staging and eviction of one env across processes
         <key>.leases/<random>     one per running kernel, flock'ed by it: the env is in use
+        <key>.squashfs            image mode only: the image copy mounted at its baked mount point
         .staging-<key>-<random>/  extraction in progress (removed on failure or by the next start)
 
 Keys are short on purpose: binary files can only be relocated to a prefix no longer than the
@@ -34,6 +35,7 @@ from typing import Mapping
 from filelock import FileLock, Timeout
 
 from .errors import CacheError
+from .image import clear_mount_point
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +131,7 @@ class CacheEntry:
     staged_at: float
     last_used: float
     in_use: int = 0  # running kernels holding a lease; filled in by entries() and count_leases()
+    mode: str = "extracted"  # or "mounted": a squashfs image under squashfuse
 
     @property
     def name(self) -> str:
@@ -153,11 +156,14 @@ def read_marker(user_dir: Path, key: str) -> CacheEntry | None:
         last_used = os.stat(path).st_mtime
     except (OSError, ValueError):
         return None
-    if data.get("version") != MARKER_VERSION or not (user_dir / key).is_dir():
+    prefix = Path(data.get("prefix") or user_dir / key)
+    if data.get("version") != MARKER_VERSION:
+        return None
+    if not os.path.isdir(prefix) and data.get("mode") != "mounted":  # a dead mount is remounted, not forgotten
         return None
     return CacheEntry(
         key=key,
-        prefix=user_dir / key,
+        prefix=prefix,
         archive=data["archive"],
         archive_size=data["archive_size"],
         archive_mtime_ns=data["archive_mtime_ns"],
@@ -165,6 +171,7 @@ def read_marker(user_dir: Path, key: str) -> CacheEntry | None:
         members=data["members"],
         staged_at=data["staged_at"],
         last_used=last_used,
+        mode=data.get("mode", "extracted"),
     )
 
 
@@ -193,7 +200,7 @@ def entries(user_dir: Path) -> list[CacheEntry]:
     for path in user_dir.glob("*.json"):
         entry = read_marker(user_dir, path.stem)
         if entry is not None:
-            entry.in_use = count_leases(user_dir, entry.key)
+            entry.in_use = count_leases(entry.prefix)
             found.append(entry)
     return sorted(found, key=lambda e: e.last_used, reverse=True)
 
@@ -203,12 +210,12 @@ def key_lock(user_dir: Path, key: str, timeout: float) -> FileLock:
     return FileLock(str(user_dir / f"{key}.lock"), timeout=timeout)
 
 
-def lease_dir(user_dir: Path, key: str) -> Path:
-    """Where kernels running from ``key`` hold their leases (run.sh: ``$KERNELPROV_ENV.leases``)."""
-    return user_dir / f"{key}.leases"
+def lease_dir(prefix: Path) -> Path:
+    """Where kernels running from ``prefix`` hold their leases (run.sh: ``$KERNELPROV_ENV.leases``)."""
+    return Path(f"{prefix}.leases")
 
 
-def count_leases(user_dir: Path, key: str) -> int:
+def count_leases(prefix: Path) -> int:
     """How many processes hold a lease on ``key``; stale lease files are removed on the way.
 
     run.sh opens one lease file per kernel and holds an exclusive ``flock`` on it, inherited by
@@ -216,11 +223,11 @@ def count_leases(user_dir: Path, key: str) -> int:
     """
     held = 0
     try:
-        names = os.listdir(lease_dir(user_dir, key))
+        names = os.listdir(lease_dir(prefix))
     except FileNotFoundError:
         return 0
     for name in names:
-        path = lease_dir(user_dir, key) / name
+        path = lease_dir(prefix) / name
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
@@ -254,7 +261,7 @@ def try_evict(user_dir: Path, key: str, *, min_idle: float = 0.0) -> CacheEntry 
             if entry is None:
                 remove_unpublished(user_dir, key)
                 return None
-            entry.in_use = count_leases(user_dir, key)
+            entry.in_use = count_leases(entry.prefix)
             if entry.in_use or time.time() - entry.last_used < min_idle:
                 return None
             remove_entry(user_dir, key)
@@ -283,9 +290,17 @@ def remove_unpublished(user_dir: Path, key: str) -> None:
 
 def remove_entry(user_dir: Path, key: str) -> None:
     """Evict a staged env: the marker goes first so that nothing trusts a half-deleted tree."""
+    entry = read_marker(user_dir, key)
+    prefix = entry.prefix if entry is not None else user_dir / key
     try:
         os.unlink(marker_path(user_dir, key))
     except FileNotFoundError:
         pass
-    shutil.rmtree(user_dir / key, ignore_errors=True)
-    shutil.rmtree(lease_dir(user_dir, key), ignore_errors=True)
+    if entry is not None and entry.mode == "mounted":
+        clear_mount_point(prefix)
+    else:
+        shutil.rmtree(prefix, ignore_errors=True)
+    shutil.rmtree(lease_dir(prefix), ignore_errors=True)
+    image_copy = user_dir / f"{key}.squashfs"
+    if image_copy.exists():
+        image_copy.unlink()

@@ -36,6 +36,7 @@ class Manifest:
     python_version: str | None = None
     packages: int | None = None
     source_prefix: str | None = None
+    dest_prefix: str | None = None  # squashfs images: the mount point baked in at pack time
     created: float | None = None
 
 

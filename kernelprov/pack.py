@@ -15,14 +15,17 @@ import os
 import tempfile
 from pathlib import Path
 
+from .cache import user_cache_dir
 from .errors import PackError
+from .image import default_mount_point, image_root
 from .manifest import Manifest, manifest_for, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FORMAT = "tar.zst"
-FORMATS = ("tar.zst", "tar.gz", "tar.bz2", "tar", "zip")
-_SUFFIXES = {"tar.zst": ".tar.zst", "tar.gz": ".tar.gz", "tar.bz2": ".tar.bz2", "tar": ".tar", "zip": ".zip"}
+FORMATS = ("tar.zst", "tar.gz", "tar.bz2", "tar", "zip", "squashfs")
+_SUFFIXES = {"tar.zst": ".tar.zst", "tar.gz": ".tar.gz", "tar.bz2": ".tar.bz2", "tar": ".tar", "zip": ".zip",
+             "squashfs": ".squashfs"}
 _NAME_SUFFIXES = tuple((suffix, fmt) for fmt, suffix in _SUFFIXES.items()) + ((".tgz", "tar.gz"), (".tbz2", "tar.bz2"))
 
 
@@ -69,16 +72,21 @@ def pack_env(
     except conda_pack.CondaPackException as err:
         hint = " Is conda on your PATH? Or give the env by path with --env-prefix." if name else ""
         raise PackError(f"conda-pack cannot read the environment: {_first_line(err)}{hint}") from err
+    dest_prefix = None
+    if fmt == "squashfs":
+        # Read-only images are relocated at pack time, to the mount point of the packing user.
+        dest_prefix = str(default_mount_point(_env_name(output), user_cache_dir(image_root())))
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
     os.close(fd)
     try:
-        env.pack(output=tmp, format=fmt, force=True, verbose=verbose)
+        env.pack(output=tmp, format=fmt, force=True, verbose=verbose, dest_prefix=dest_prefix)
         os.chmod(tmp, 0o644)
         manifest = manifest_for(
             Path(tmp),
             python_version=_python_version(Path(env.prefix)),
             packages=len(glob.glob(os.path.join(env.prefix, "conda-meta", "*.json"))),
             source_prefix=env.prefix,
+            dest_prefix=dest_prefix,
         )
         os.replace(tmp, output)
     except conda_pack.CondaPackException as err:
@@ -106,6 +114,14 @@ def describe_archive(archive: Path) -> Manifest:
     else:
         log.warning("cannot write a manifest beside %s; kernels will start without an integrity check", archive)
     return manifest
+
+
+def _env_name(output: Path) -> str:
+    """``myenv.tar.zst`` → ``myenv``."""
+    for suffix, _fmt in _NAME_SUFFIXES:
+        if output.name.endswith(suffix):
+            return output.name[: -len(suffix)]
+    return output.stem
 
 
 def _python_version(prefix: Path) -> str | None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from filelock import Timeout
 
 from . import archive as archive_io
-from . import cache
+from . import cache, image
 from .errors import ArchiveError, CacheError
 from .manifest import read_manifest
 from .relocate import read_prefix_records, relocate
@@ -88,26 +88,36 @@ def ensure_staged(
     user_dir = cache.user_cache_dir(root)
     key = cache.archive_key(archive, st)
 
-    if cache.read_marker(user_dir, key) is not None:
+    entry = cache.read_marker(user_dir, key)
+    if entry is not None and _still_usable(entry):
         cache.touch(user_dir, key)
-        return StagedEnv(user_dir / key, key, archive, False, time.monotonic() - started)
+        return StagedEnv(entry.prefix, key, archive, False, time.monotonic() - started)
 
+    if archive_io.detect_format(archive) == "squashfs":
+        # Image mode keeps its marker beside the image's baked mount point, not in cache_root.
+        manifest = read_manifest(archive)
+        user_dir = _image_user_dir(archive, manifest)
     try:
         with cache.key_lock(user_dir, key, lock_timeout):
-            if cache.read_marker(user_dir, key) is not None:  # another process just staged it
+            entry = cache.read_marker(user_dir, key)
+            if entry is not None and _still_usable(entry):  # another process just staged it
                 cache.touch(user_dir, key)
-                return StagedEnv(user_dir / key, key, archive, False, time.monotonic() - started)
+                return StagedEnv(entry.prefix, key, archive, False, time.monotonic() - started)
             cache.remove_unpublished(user_dir, key)
-            _stage_locked(archive, st, user_dir, key, progress)
+            if archive_io.detect_format(archive) == "squashfs":
+                prefix = _stage_image_locked(archive, st, user_dir, key, progress)
+            else:
+                prefix = user_dir / key
+                _stage_locked(archive, st, user_dir, key, progress)
     except Timeout:
         raise CacheError(
             f"Timed out after {lock_timeout:.0f} s waiting for another process to unpack {archive}; try again, or run `kernelprov cache clean`."
         ) from None
     seconds = time.monotonic() - started
-    log.info("staged %s into %s in %.1f s", archive, user_dir / key, seconds)
+    log.info("staged %s into %s in %.1f s", archive, prefix, seconds)
     if max_bytes:
         enforce_budget(user_dir, max_bytes, keep=key)
-    return StagedEnv(user_dir / key, key, archive, True, seconds)
+    return StagedEnv(prefix, key, archive, True, seconds)
 
 
 def _evict_idle(user_dir: Path, *, keep: str, min_idle: float, enough) -> list[cache.CacheEntry]:
@@ -214,6 +224,73 @@ def _stage_locked(archive: Path, st: os.stat_result, user_dir: Path, key: str, p
     )
 
 
+def _image_user_dir(archive: Path, manifest) -> Path:
+    """The private dir holding an image's mount point; the image must have been packed for it."""
+    if manifest is None or not manifest.dest_prefix:
+        raise ArchiveError(
+            f"{archive} is a squashfs image without a kernelprov manifest naming its mount point; "
+            "re-create it with `kernelprov pack --format squashfs`."
+        )
+    mount_point = Path(manifest.dest_prefix)
+    user_dir = cache.user_cache_dir(mount_point.parent.parent)
+    if mount_point.parent != user_dir:
+        raise CacheError(
+            f"{archive} was packed to be mounted at {mount_point}, which is not your private kernelprov directory "
+            f"on this node ({user_dir}); pack it yourself with `kernelprov pack --format squashfs`, or use .tar.zst."
+        )
+    return user_dir
+
+
+def _still_usable(entry: cache.CacheEntry) -> bool:
+    """An image whose FUSE daemon died (job end, node cleanup) must be mounted again."""
+    return entry.mode != "mounted" or os.path.ismount(entry.prefix)
+
+
+def _stage_image_locked(archive: Path, st: os.stat_result, user_dir: Path, key: str, progress) -> Path:
+    """Copy the image to local disk and mount it at its baked mount point (or unsquashfs there)."""
+    manifest = read_manifest(archive)
+    mount_point = Path(manifest.dest_prefix)
+    if manifest.size != st.st_size:
+        raise ArchiveError(f"{archive} is {st.st_size} bytes but its manifest records {manifest.size}; re-create it with `kernelprov pack`.")
+    # An older version of the same env may still sit at the mount point.
+    for entry in cache.entries(user_dir):
+        if entry.prefix == mount_point and entry.key != key:
+            if entry.in_use:
+                raise CacheError(
+                    f"An older version of {archive.name} is mounted at {mount_point} and used by {entry.in_use} running "
+                    "kernel(s); shut them down, then start this kernel again."
+                )
+            cache.remove_entry(user_dir, entry.key)
+    image.clear_mount_point(mount_point)  # stale leftovers: no marker vouches for them
+    _ensure_space(archive, st, None, user_dir, key)
+    copy = user_dir / f"{key}.squashfs"
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{key}-", dir=user_dir))
+    try:
+        digest = image.copy_image(archive, staging / "image.squashfs", progress)
+        _check_unchanged(archive, st)
+        if manifest.sha256 and digest != manifest.sha256:
+            raise ArchiveError(f"{archive} does not match its manifest's sha256 (corrupt or replaced); re-create it with `kernelprov pack`.")
+        os.rename(staging / "image.squashfs", copy)
+        if image.mount(copy, mount_point):
+            mode = "mounted"
+        else:
+            image.extract_image(copy, staging / "env", archive)
+            os.rename(staging / "env", mount_point)
+            copy.unlink()
+            mode = "extracted"
+    except OSError as err:
+        copy.unlink(missing_ok=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CacheError(f"The local disk at {user_dir} ran out of space while copying {archive.name}; free space there.") from err
+        raise CacheError(f"Staging the image {archive} into {user_dir} failed: {err}.") from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    cache.write_marker(user_dir, key, archive=str(archive), archive_size=st.st_size, archive_mtime_ns=st.st_mtime_ns,
+                       env_bytes=st.st_size, members=0, prefix=str(mount_point), mode=mode)
+    log.info("image %s %s at %s", archive, mode, mount_point)
+    return mount_point
+
+
 def _check_unchanged(archive: Path, before: os.stat_result) -> None:
     """Fail if the archive was replaced or rewritten while we were reading it."""
     try:
@@ -224,6 +301,19 @@ def _check_unchanged(archive: Path, before: os.stat_result) -> None:
         raise ArchiveError(f"The environment archive {archive} changed while it was being unpacked; try again once it is complete.")
 
 
+def user_dirs(cache_root: Path | str | None = None) -> list[Path]:
+    """This user's cache dirs on this node: under the cache root, and the one holding image mounts."""
+    dirs = [cache.user_cache_dir(Path(cache_root) if cache_root else cache.default_cache_root())]
+    image_dir = cache.user_cache_dir(image.image_root())
+    return dirs if image_dir in dirs else dirs + [image_dir]
+
+
+def staged_entries(cache_root: Path | str | None = None) -> list[cache.CacheEntry]:
+    """Every staged env of this user on this node, most recently used first (``kernelprov cache list``)."""
+    found = [entry for user_dir in user_dirs(cache_root) for entry in cache.entries(user_dir)]
+    return sorted(found, key=lambda e: e.last_used, reverse=True)
+
+
 def find_staged(archive: Path | str, *, cache_root: Path | str | None = None) -> cache.CacheEntry | None:
     """The staged copy of ``archive``'s current version (with its lease count), if this user has
     one on this node. Called by ``kernelprov list`` and the REST API; stages nothing."""
@@ -232,11 +322,13 @@ def find_staged(archive: Path | str, *, cache_root: Path | str | None = None) ->
         st = os.stat(archive)
     except OSError:
         return None
-    user_dir = cache.user_cache_dir(Path(cache_root) if cache_root else cache.default_cache_root())
-    entry = cache.read_marker(user_dir, cache.archive_key(archive, st))
-    if entry is not None:
-        entry.in_use = cache.count_leases(user_dir, entry.key)
-    return entry
+    key = cache.archive_key(archive, st)
+    for user_dir in user_dirs(cache_root):
+        entry = cache.read_marker(user_dir, key)
+        if entry is not None:
+            entry.in_use = cache.count_leases(entry.prefix)
+            return entry
+    return None
 
 
 def evict(archive: Path | str, *, cache_root: Path | str | None = None) -> cache.CacheEntry:
@@ -251,10 +343,14 @@ def evict(archive: Path | str, *, cache_root: Path | str | None = None) -> cache
         raise CacheError(
             f"{entry.name} is in use by {entry.in_use} running kernel(s); shut them down before evicting it."
         )
-    gone = cache.try_evict(entry.prefix.parent, entry.key)
+    gone = cache.try_evict(_marker_dir(entry, cache_root), entry.key)
     if gone is None:
         raise CacheError(f"{entry.name} is being staged or just started a kernel; try again in a moment.")
     return gone
+
+
+def _marker_dir(entry: cache.CacheEntry, cache_root) -> Path:
+    return next(d for d in user_dirs(cache_root) if cache.marker_path(d, entry.key).exists())
 
 
 def clean(*, cache_root: Path | str | None = None) -> list[cache.CacheEntry]:
@@ -262,14 +358,14 @@ def clean(*, cache_root: Path | str | None = None) -> list[cache.CacheEntry]:
 
     Called by ``kernelprov cache clean``; also removes leftovers of killed stages.
     """
-    user_dir = cache.user_cache_dir(Path(cache_root) if cache_root else cache.default_cache_root())
     evicted = []
-    for entry in cache.entries(user_dir):
-        gone = None if entry.in_use else cache.try_evict(user_dir, entry.key)
-        if gone is None:
-            log.info("keeping %s: in use by %s kernel(s) or being staged", entry.prefix, entry.in_use)
-        else:
-            evicted.append(gone)
-    for leftover in {p.name.split("-")[1] for p in user_dir.glob(".staging-*-*")}:
-        cache.try_evict(user_dir, leftover)
+    for user_dir in user_dirs(cache_root):
+        for entry in cache.entries(user_dir):
+            gone = None if entry.in_use else cache.try_evict(user_dir, entry.key)
+            if gone is None:
+                log.info("keeping %s: in use by %s kernel(s) or being staged", entry.prefix, entry.in_use)
+            else:
+                evicted.append(gone)
+        for leftover in {p.name.split("-")[1] for p in user_dir.glob(".staging-*-*")}:
+            cache.try_evict(user_dir, leftover)
     return evicted

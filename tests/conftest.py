@@ -60,10 +60,12 @@ def runnable_archive(runnable_env, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def cache_root(tmp_path, monkeypatch) -> Path:
-    """A fresh node-local cache root for one test, reached through KERNELPROV_CACHE_DIR."""
+    """A fresh node-local cache root for one test, reached through KERNELPROV_CACHE_DIR (and a
+    private image root, so no test sees the real /tmp/kernelprov-<user>)."""
     root = tmp_path / "cache"
     root.mkdir()
     monkeypatch.setenv("KERNELPROV_CACHE_DIR", str(root))
+    monkeypatch.setenv("KERNELPROV_IMAGE_ROOT", str(tmp_path / "images"))
     return root
 
 

@@ -54,7 +54,7 @@ def test_a_held_lease_blocks_eviction_until_its_process_dies(tiny_archives, copy
     a, b = _versions(copy_archive, tiny_archives, 2)
     staged = ensure_staged(a)
     _age(staged)
-    leases = cache.lease_dir(staged.prefix.parent, staged.key)
+    leases = cache.lease_dir(staged.prefix)
     leases.mkdir()
     holder = subprocess.Popen(["bash", "-c", f'exec 9>"{leases}/kernel"; flock -n 9; echo locked; exec sleep 60'],
                               stdout=subprocess.PIPE, text=True)
@@ -99,7 +99,7 @@ async def test_a_running_kernel_holds_its_env(kernel_environ, runnable_archive, 
         await km.shutdown_kernel(now=True)
     # The kernel is gone, so is its lock; the lease file itself is young, so age it past the grace.
     await asyncio.sleep(0.2)
-    for lease in cache.lease_dir(staged.prefix.parent, staged.key).iterdir():
+    for lease in cache.lease_dir(staged.prefix).iterdir():
         past = time.time() - 2 * cache.LEASE_GRACE_SECONDS
         os.utime(lease, (past, past))
     assert find_staged(runnable_archive).in_use == 0

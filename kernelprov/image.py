@@ -1,0 +1,117 @@
+"""Zero-copy image mode: a squashfs archive copied as one file to local disk and mounted.
+
+Called by :mod:`kernelprov.stage` for squashfs archives. A squashfs image is read-only, so it is
+relocated at pack time instead: ``kernelprov pack --format squashfs`` asks conda-pack for
+``dest_prefix=<mount point>``, a fixed per-user path under ``/tmp`` (:func:`image_root`)
+(:func:`default_mount_point`), recorded in the manifest. At kernel start the image is copied to
+local disk (one sequential file copy, hashed on the way) and mounted there with ``squashfuse``
+(FUSE, unprivileged): no per-file creation at all. Where FUSE is unavailable the image is
+extracted to the same path with ``unsquashfs`` instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from .archive import ProgressCallback
+from .errors import ArchiveError, CacheError
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 4 << 20
+
+
+def image_root() -> Path:
+    """Root of the per-user dirs holding image mount points: ``$KERNELPROV_IMAGE_ROOT`` or /tmp.
+
+    Baked into each image at pack time, so it must be a path that exists on every node.
+    """
+    return Path(os.environ.get("KERNELPROV_IMAGE_ROOT") or "/tmp")
+
+
+def default_mount_point(env_name: str, user_dir: Path) -> Path:
+    """Where a user's image of ``env_name`` is mounted: baked into the image at pack time."""
+    return user_dir / f"{env_name}.img"
+
+
+def copy_image(source: Path, target: Path, progress: ProgressCallback | None) -> str:
+    """Copy the image sequentially to local disk; return its sha256 (checked against the manifest)."""
+    digest = hashlib.sha256()
+    total = os.path.getsize(source)
+    done = 0
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        while chunk := src.read(_CHUNK):
+            digest.update(chunk)
+            dst.write(chunk)
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total)
+    return digest.hexdigest()
+
+
+def fuse_available() -> bool:
+    """Can this process mount with squashfuse (binary, /dev/fuse and a fusermount helper)?"""
+    return bool(shutil.which("squashfuse")) and os.path.exists("/dev/fuse") and bool(
+        shutil.which("fusermount3") or shutil.which("fusermount") or os.geteuid() == 0
+    )
+
+
+def mount(image: Path, mount_point: Path) -> bool:
+    """Mount ``image`` read-only at ``mount_point``; False (logged) if FUSE did not work here."""
+    if not fuse_available():
+        return False
+    mount_point.mkdir(mode=0o755, exist_ok=True)
+    result = subprocess.run(["squashfuse", str(image), str(mount_point)], capture_output=True, text=True)
+    if result.returncode != 0 or not os.path.ismount(mount_point):
+        log.warning("squashfuse could not mount %s (%s); extracting it instead", image, result.stderr.strip())
+        return False
+    return True
+
+
+def unmount(mount_point: Path) -> None:
+    """Unmount a squashfuse mount (called on eviction)."""
+    if not os.path.ismount(mount_point):
+        return
+    helper = shutil.which("fusermount3") or shutil.which("fusermount")
+    command = [helper, "-u", str(mount_point)] if helper else ["umount", str(mount_point)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise CacheError(f"Cannot unmount {mount_point}: {result.stderr.strip()}; is a process still using it?")
+
+
+def clear_mount_point(mount_point: Path) -> None:
+    """Unmount (even a dead FUSE mount, whose daemon was killed at job end) and remove the dir."""
+    try:
+        os.lstat(mount_point)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        if err.errno != errno.ENOTCONN:
+            raise
+        helper = shutil.which("fusermount3") or shutil.which("fusermount")
+        subprocess.run([helper, "-u", "-z", str(mount_point)] if helper else ["umount", "-l", str(mount_point)],
+                       capture_output=True)
+    unmount(mount_point)
+    if os.path.isdir(mount_point) and not os.path.islink(mount_point):
+        shutil.rmtree(mount_point)
+    elif os.path.lexists(mount_point):
+        os.unlink(mount_point)
+
+
+def extract_image(image: Path, target: Path, archive: Path) -> None:
+    """Fallback where FUSE is unavailable: unpack the image to ``target`` with unsquashfs."""
+    if not shutil.which("unsquashfs"):
+        raise ArchiveError(
+            f"{archive} is a squashfs image, but neither squashfuse (FUSE) nor unsquashfs works on this node; "
+            "install squashfs-tools, or pack the env as .tar.zst."
+        )
+    result = subprocess.run(["unsquashfs", "-no-progress", "-quiet", "-no-xattrs", "-d", str(target), str(image)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ArchiveError(f"{archive} could not be unpacked ({result.stderr.strip()[:200]}); re-create it with `kernelprov pack`.")
