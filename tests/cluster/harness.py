@@ -384,9 +384,12 @@ class Cluster:
         out = run(["squeue", "-h", "-o", "%i %u %T"], env=self.env(), check=False).stdout
         return [tuple(line.split()) for line in out.splitlines() if line.strip()]
 
-    def listening_sockets(self) -> list[tuple[str, str]]:
+    def listening_sockets(self) -> list[tuple[str, str]] | None:
         """(local address, process) of every listening TCP/UDP socket of the cluster's processes:
-        the daemons, every process of the test users (servers, kernels, srun) and our slurmstepds."""
+        the daemons, every process of the test users (servers, kernels, srun) and our slurmstepds.
+        None when ``ss`` is not installed."""
+        if shutil.which("ss", path=DAEMON_PATH) is None:
+            return None
         pids = {str(daemon.process.pid) for daemon in self.daemons if daemon.running()}
         for user in self.users:
             pids.update(run(["pgrep", "-u", user], check=False).stdout.split())
@@ -412,32 +415,39 @@ class Cluster:
         return "\n".join(parts)
 
     def stop(self) -> None:
-        """Stop the servers, every daemon by its PID, and remove the users and the run's files."""
+        """Cancel the jobs, stop every daemon by its PID, remove the users and the run's files.
+
+        The jobs are cancelled through Slurm directly (the hub's own clean-up is off in
+        jupyterhub_config.py: it would stop the servers one by one, polling each for seconds).
+        """
         by_name = {daemon.name: daemon for daemon in self.daemons}
-        hub = by_name.get("jupyterhub")
-        if hub is not None and hub.running():
-            for user in self.users:
-                try:
-                    self.hub("DELETE", f"/users/{user}/server")
-                except OSError:
-                    pass
-        for name in ("jupyterhub", "proxy"):
-            if name in by_name:
-                by_name[name].stop()
-        if "slurmctld.out" in by_name and by_name["slurmctld.out"].running():
+        self.stop_seconds = {}
+        clock = time.monotonic()
+
+        def lap(name: str) -> None:
+            nonlocal clock
+            self.stop_seconds[name] = round(time.monotonic() - clock, 1)
+            clock = time.monotonic()
+
+        ctld = by_name.get("slurmctld.out")
+        if ctld is not None and ctld.running():
             for user in self.users:
                 run(["scancel", "--user", user], env=self.env(), check=False)
             try:
                 wait_for(lambda: not self.squeue(), 30, "the test users' jobs to end")
             except TimeoutError:
                 pass
-        for name in ("slurmd.out", "slurmctld.out", "munged"):
+        lap("jobs")
+        for name in ("jupyterhub", "proxy", "slurmd.out", "slurmctld.out", "munged"):
             if name in by_name:
                 by_name[name].stop()
+        lap("daemons")
         self._stop_stepds()
         for user in self.users:
             remove_user(user)
+        lap("users")
         shutil.rmtree(self.base, ignore_errors=True)
+        lap("files")
 
     def _stop_stepds(self) -> None:
         """slurmstepd detaches from slurmd; end any of ours still running (their command line names our conf)."""

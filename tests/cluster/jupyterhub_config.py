@@ -37,6 +37,8 @@ c.JupyterHub.cookie_secret_file = f"{settings['state']}/jupyterhub_cookie_secret
 c.JupyterHub.pid_file = f"{settings['state']}/jupyterhub.pid"
 # Nobody logs in through the browser here: the test acts through the REST API with a service token.
 c.JupyterHub.authenticator_class = "null"
+# The test cancels the jobs itself at the end; the hub need not stop each server on its way out.
+c.JupyterHub.cleanup_servers = False
 # configurable-http-proxy is started (and stopped) by the test, by PID.
 c.JupyterHub.proxy_class = "configurable-http-proxy"
 c.ConfigurableHTTPProxy.should_start = False
