@@ -79,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     cache_list.add_argument("--json", action="store_true")
     cache_sub.add_parser("clean", help="remove every staged env not being staged right now")
 
+    doctor = sub.add_parser("doctor", help="check why a kernel would not start, and say what to fix")
+    doctor.add_argument("name", nargs="?", help="one kernel (default: every kernelprov kernel)")
+    doctor.add_argument("--kernels-dir", action="append", default=[], metavar="DIR")
+    doctor.add_argument("--no-hash", action="store_true", help="skip re-hashing archives against their manifests")
+
     sub.add_parser("demo", help="build a demo env, install it as a kernel in a scratch dir, start it")
     return parser
 
@@ -100,9 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _settings(args):
-    from .config import KernelprovConfig
+    from .config import KernelprovConfig, load_site_config
 
-    settings = KernelprovConfig()
+    settings = KernelprovConfig(config=load_site_config())
     if args.cache_dir:
         settings.cache_dir = args.cache_dir
     return settings
@@ -269,6 +274,27 @@ def _cmd_cache(args) -> int:
     return 0
 
 
+def _cmd_doctor(args) -> int:
+    from .doctor import check_kernel, check_node
+    from .kernelspecs import find_kernels, get_kernel
+
+    settings = _settings(args)
+    kernels = [get_kernel(args.name, args.kernels_dir)] if args.name else find_kernels(args.kernels_dir)
+    sections = [("this node", check_node(settings))]
+    sections += [(f"kernel {k.name!r} ({k.display_name})", check_kernel(k, settings, verify_hash=not args.no_hash))
+                 for k in kernels]
+    problems = 0
+    for title, findings in sections:
+        print(f"{title}:")
+        for finding in findings:
+            print(f"  {'ok ' if finding.ok else 'FIX'} {finding.what}" + ("" if finding.ok else f"\n      -> {finding.fix}"))
+            problems += not finding.ok
+    if not kernels:
+        print("No kernelprov kernels found; install one with `kernelprov install NAME`.")
+    print(f"{problems} problem(s) found." if problems else "No problems found.")
+    return 1 if problems else 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -287,5 +313,6 @@ _COMMANDS = {
     "remove": _cmd_remove,
     "unpack": _cmd_unpack,
     "cache": _cmd_cache,
+    "doctor": _cmd_doctor,
     "demo": _cmd_demo,
 }

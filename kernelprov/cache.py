@@ -30,7 +30,7 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from filelock import FileLock, Timeout
 
@@ -47,14 +47,14 @@ _FALLBACK_ATTEMPTS = 5
 LEASE_GRACE_SECONDS = 60.0
 
 
-def default_cache_root(environ: Mapping[str, str] | None = None) -> Path:
+def default_cache_root(environ: Mapping[str, str] | None = None, variables: Sequence[str] = CACHE_ROOT_VARIABLES) -> Path:
     """Pick the cache root: ``$KERNELPROV_CACHE_DIR``, ``$SLURM_TMPDIR``, ``$TMPDIR``, then ``/tmp``.
 
     Called by the traitlets default of ``KernelprovConfig.cache_dir`` and by the stage engine when
     no root is configured; reads the environment at call time, never at import time.
     """
     environ = os.environ if environ is None else environ
-    for name in CACHE_ROOT_VARIABLES:
+    for name in variables:
         value = environ.get(name, "").strip()
         if value:
             return Path(value).expanduser()

@@ -11,25 +11,39 @@ from __future__ import annotations
 
 import os
 
-from traitlets import Float, Int, TraitError, Unicode, default, validate
-from traitlets.config import LoggingConfigurable
+from pathlib import Path
 
-from .cache import default_cache_root
+from traitlets import Float, Int, List, TraitError, Unicode, default, validate
+from traitlets.config import Config, LoggingConfigurable
+
+from .cache import CACHE_ROOT_VARIABLES, default_cache_root
 from .stage import DEFAULT_LOCK_TIMEOUT
+
+#: Jupyter config files read by the CLI too, so one site-wide file configures every entry point.
+SITE_CONFIG_FILES = ("jupyter_config", "jupyter_server_config")
 
 
 class KernelprovConfig(LoggingConfigurable):
     """Where and how packed environments are staged on this node."""
 
+    cache_dir_variables = List(
+        Unicode(),
+        default_value=list(CACHE_ROOT_VARIABLES),
+        config=True,
+        help="""Environment variables tried in order for the cache root when cache_dir is not set,
+        e.g. ["KERNELPROV_CACHE_DIR", "LOCAL_SCRATCH", "TMPDIR"]; /tmp when none is set.""",
+    )
+
     cache_dir = Unicode(
         config=True,
         help="""Node-local directory under which each user's private kernelprov cache is made.
-        Default: $KERNELPROV_CACHE_DIR, else $SLURM_TMPDIR, else $TMPDIR, else /tmp.""",
+        Default: the first of cache_dir_variables that is set ($KERNELPROV_CACHE_DIR,
+        $SLURM_TMPDIR, $TMPDIR), else /tmp.""",
     )
 
     @default("cache_dir")
     def _cache_dir_default(self) -> str:
-        return str(default_cache_root())
+        return str(default_cache_root(variables=self.cache_dir_variables))
 
     @validate("cache_dir")
     def _validate_cache_dir(self, proposal) -> str:
@@ -75,12 +89,48 @@ class KernelprovConfig(LoggingConfigurable):
             raise TraitError("cache_max_bytes must be 0 (no budget) or a positive number of bytes")
         return proposal["value"]
 
+    allowed_archive_roots = List(
+        Unicode(),
+        config=True,
+        help="""If set, kernels may only run from archives under these directories (e.g. the
+        site's read-only software tree). Default: $KERNELPROV_ALLOWED_ARCHIVE_ROOTS
+        (colon-separated), else no restriction.""",
+    )
+
+    @default("allowed_archive_roots")
+    def _allowed_archive_roots_default(self) -> list[str]:
+        return [p for p in os.environ.get("KERNELPROV_ALLOWED_ARCHIVE_ROOTS", "").split(os.pathsep) if p]
+
     def stage_options(self) -> dict:
         """Keyword arguments for :func:`kernelprov.stage.ensure_staged` from these settings."""
-        return {"cache_root": self.cache_dir, "lock_timeout": self.lock_timeout, "max_bytes": self.cache_max_bytes}
+        return {"cache_root": self.cache_dir, "lock_timeout": self.lock_timeout, "max_bytes": self.cache_max_bytes,
+                "allowed_roots": self.allowed_archive_roots}
 
     @validate("lock_timeout")
     def _validate_lock_timeout(self, proposal) -> float:
         if proposal["value"] <= 0:
             raise TraitError("lock_timeout must be positive")
         return proposal["value"]
+
+
+def load_site_config() -> Config:
+    """The Jupyter config files on the config path (``jupyter_config.{json,py}`` and
+    ``jupyter_server_config.{json,py}``), lowest priority first, merged.
+
+    Called by the CLI — and so by run.sh and job prologues — which has no server to load them;
+    the provisioner and the server extension get the same settings from the server itself.
+    """
+    from jupyter_core.paths import jupyter_config_path
+    from traitlets.config.loader import ConfigFileNotFound, JSONFileConfigLoader, PyFileConfigLoader
+
+    merged = Config()
+    for directory in reversed(jupyter_config_path()):
+        for base in SITE_CONFIG_FILES:
+            for loader_class, suffix in ((JSONFileConfigLoader, ".json"), (PyFileConfigLoader, ".py")):
+                if not (Path(directory) / f"{base}{suffix}").is_file():
+                    continue
+                try:
+                    merged.merge(loader_class(f"{base}{suffix}", path=directory).load_config())
+                except ConfigFileNotFound:
+                    continue
+    return merged

@@ -66,6 +66,22 @@ def _stat_archive(archive: Path) -> os.stat_result:
     return st
 
 
+def check_allowed(archive: Path, allowed_roots: list[str]) -> None:
+    """Site policy: only archives under the admin's allowed roots may run (symlinks resolved).
+
+    Called at every start by :func:`ensure_staged` and by ``kernelprov doctor``.
+    """
+    real = os.path.realpath(archive)
+    for root in allowed_roots:
+        real_root = os.path.realpath(os.path.expanduser(root))
+        if real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep):
+            return
+    raise ArchiveError(
+        f"{archive} is outside the archive locations this site allows ({', '.join(allowed_roots)}); "
+        "ask your admin, or use an environment from those locations."
+    )
+
+
 def ensure_staged(
     archive: Path | str,
     *,
@@ -73,6 +89,7 @@ def ensure_staged(
     progress: archive_io.ProgressCallback | None = None,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     max_bytes: int = 0,
+    allowed_roots: list[str] | None = None,
 ) -> StagedEnv:
     """Return the staged env for ``archive``, unpacking it into the user's cache if needed.
 
@@ -83,6 +100,8 @@ def ensure_staged(
     """
     started = time.monotonic()
     archive = Path(archive).expanduser().absolute()
+    if allowed_roots:
+        check_allowed(archive, allowed_roots)
     st = _stat_archive(archive)
     root = Path(cache_root) if cache_root else cache.default_cache_root()
     user_dir = cache.user_cache_dir(root)

@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+import jupyter_core.paths  # noqa: F401 — pytest_jupyter's jp_environ patches it without importing it
 import pytest
 
 from kernelprov.demo_env import cached_conda_env

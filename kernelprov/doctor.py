@@ -1,0 +1,130 @@
+"""``kernelprov doctor [NAME]``: check a kernel the way an admin debugging "my kernel does not
+start" would, and say what to fix.
+
+Called by the CLI. Each check returns a :class:`Finding`; nothing here changes anything.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import cache, stage
+from .archive import detect_format
+from .errors import KernelprovError
+from .kernelspecs import PROVISIONER_NAME, KernelprovKernel
+from .manifest import read_manifest
+from .stage import user_dirs
+
+_STAGER = re.compile(r'KERNELPROV_ENV="\$\((.+?) -m kernelprov unpack')
+
+
+@dataclass
+class Finding:
+    """One check: ``ok`` False means the kernel will not start (or not well) until ``fix`` is done."""
+
+    ok: bool
+    what: str
+    fix: str = ""
+
+
+def check_kernel(kernel: KernelprovKernel, settings, *, verify_hash: bool = True) -> list[Finding]:
+    """Every check for one kernel, in the order a start would trip over them."""
+    findings = [_check_run_sh(kernel)]
+    findings += _check_archive(kernel, settings, verify_hash)
+    findings.append(_check_visible_under_jupyterhub(kernel))
+    return findings
+
+
+def check_node(settings) -> list[Finding]:
+    """Checks that do not depend on a kernel: provisioner installed, cache usable, leases, FUSE."""
+    findings = [_check_provisioner()]
+    try:
+        dirs = user_dirs(settings.cache_dir)
+        vfs = os.statvfs(dirs[0])
+        findings.append(Finding(True, f"cache {dirs[0]} is private to you; {vfs.f_bavail * vfs.f_frsize / 1e9:.1f} GB "
+                                      f"and {vfs.f_favail} files free"))
+    except KernelprovError as err:
+        findings.append(Finding(False, "the node-local cache is unusable", str(err)))
+    findings.append(Finding(bool(shutil.which("flock")), "flock is available for kernel leases",
+                            "install util-linux: without flock, envs in use are not protected from eviction"))
+    return findings
+
+
+def _check_run_sh(kernel: KernelprovKernel) -> Finding:
+    run_sh = kernel.resource_dir / "run.sh"
+    if not os.access(run_sh, os.X_OK):
+        return Finding(False, f"{run_sh} is not executable", f"chmod a+rx {run_sh}, or reinstall with --replace")
+    match = _STAGER.search(run_sh.read_text())
+    if match:
+        stager = shlex.split(match.group(1))[0]
+        if not os.access(stager, os.X_OK):
+            return Finding(False, f"run.sh stages through {stager}, which you cannot execute",
+                           "reinstall the kernel with a kernelprov that every user can run (e.g. the site's Jupyter env)")
+    return Finding(True, f"{run_sh} is executable")
+
+
+def _check_archive(kernel: KernelprovKernel, settings, verify_hash: bool) -> list[Finding]:
+    archive = kernel.archive
+    if archive is None:
+        return [Finding(False, "kernel.json names no archive", "reinstall with `kernelprov install NAME --archive FILE`")]
+    if not archive.is_file() or not os.access(archive, os.R_OK):
+        state = "does not exist" if not archive.exists() else "is not readable by you"
+        return [Finding(False, f"archive {archive} {state}", f"restore it, or `chmod a+r {archive}` for shared kernels")]
+    findings = [Finding(True, f"archive {archive} is readable ({archive.stat().st_size / 1e6:.0f} MB, {detect_format(archive)})")]
+    try:
+        manifest = read_manifest(archive)
+    except KernelprovError as err:
+        return findings + [Finding(False, "its manifest is unreadable", str(err))]
+    if manifest is None:
+        findings.append(Finding(False, "no manifest: starts are not checked for corruption",
+                                f"`kernelprov install {kernel.name} --archive {archive} --replace` writes one"))
+    elif manifest.size != archive.stat().st_size:
+        findings.append(Finding(False, f"archive is {archive.stat().st_size} bytes, its manifest says {manifest.size}",
+                                "it is incomplete or was replaced: re-create it with `kernelprov pack`"))
+    elif verify_hash:
+        from .archive import scan
+
+        ok = scan(archive).sha256 == manifest.sha256
+        findings.append(Finding(ok, "archive matches its manifest's sha256" if ok else "archive does not match its manifest's sha256",
+                                "" if ok else "it is corrupt or was replaced: re-create it with `kernelprov pack`"))
+    if settings.allowed_archive_roots:
+        try:
+            stage.check_allowed(archive, settings.allowed_archive_roots)
+            findings.append(Finding(True, "archive is inside the site's allowed archive roots"))
+        except KernelprovError as err:
+            findings.append(Finding(False, "archive is outside the site's allowed archive roots", str(err)))
+    if manifest is not None and manifest.unpacked_bytes:
+        vfs = os.statvfs(cache.user_cache_dir(Path(settings.cache_dir)))
+        free = vfs.f_bavail * vfs.f_frsize
+        ok = free >= manifest.unpacked_bytes
+        findings.append(Finding(ok, f"the cache has room for it ({manifest.unpacked_bytes / 1e6:.0f} MB needed, {free / 1e6:.0f} MB free)",
+                                "" if ok else "free space (`kernelprov cache clean`) or set KERNELPROV_CACHE_DIR"))
+    staged = stage.find_staged(archive, cache_root=settings.cache_dir)
+    findings.append(Finding(True, f"staged on this node at {staged.prefix}" if staged else "not staged on this node yet"))
+    return findings
+
+
+def _check_visible_under_jupyterhub(kernel: KernelprovKernel) -> Finding:
+    from jupyter_core.paths import jupyter_data_dir
+
+    in_home = str(kernel.resource_dir).startswith(str(Path(jupyter_data_dir())) + os.sep)
+    hidden = os.environ.get("JUPYTERHUB_DISABLE_USER_CONFIG", "") not in ("", "0")
+    if in_home and hidden:
+        return Finding(False, "JupyterHub's disable_user_config hides kernels in your home directory",
+                       "install it with --sys-prefix or --kernels-dir DIR (a dir on JUPYTER_PATH)")
+    return Finding(True, f"kernel dir {kernel.resource_dir} is on the Jupyter path")
+
+
+def _check_provisioner() -> Finding:
+    from importlib.metadata import entry_points
+
+    names = {ep.name for ep in entry_points(group="jupyter_client.kernel_provisioners")}
+    ok = PROVISIONER_NAME in names
+    return Finding(ok, f"the {PROVISIONER_NAME} provisioner is installed in this Python" if ok
+                   else f"{PROVISIONER_NAME} is not installed in this Python",
+                   "" if ok else "pip install kernelprov into the Jupyter server's environment")
