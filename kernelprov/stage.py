@@ -95,8 +95,9 @@ def ensure_staged(
 
     Safe to call from many processes and threads at once: one extracts, the others wait on the
     archive's lock and then reuse its result. After a fresh unpack, least-recently-used envs that
-    no kernel uses are evicted until the cache fits ``max_bytes`` (0: no budget). Raises :class:`~kernelprov.errors.KernelprovError`
-    subclasses whose message a researcher can act on.
+    no kernel uses are evicted until the cache fits ``max_bytes`` (0: no budget). Archives outside
+    ``allowed_roots`` (when given) are refused. Raises
+    :class:`~kernelprov.errors.KernelprovError` subclasses whose message a researcher can act on.
     """
     started = time.monotonic()
     archive = Path(archive).expanduser().absolute()
@@ -107,24 +108,26 @@ def ensure_staged(
     user_dir = cache.user_cache_dir(root)
     key = cache.archive_key(archive, st)
 
-    entry = cache.read_marker(user_dir, key)
-    if entry is not None and _still_usable(entry):
-        cache.touch(user_dir, key)
-        return StagedEnv(entry.prefix, key, archive, False, time.monotonic() - started)
+    reused = _reuse(user_dir, key, archive, started)
+    if reused is not None:
+        return reused
 
+    image_manifest = None
     if archive_io.detect_format(archive) == "squashfs":
         # Image mode keeps its marker beside the image's baked mount point, not in cache_root.
-        manifest = read_manifest(archive)
-        user_dir = _image_user_dir(archive, manifest)
+        image_manifest = read_manifest(archive)
+        user_dir = _image_user_dir(archive, image_manifest)
+        reused = _reuse(user_dir, key, archive, started)
+        if reused is not None:
+            return reused
     try:
         with cache.key_lock(user_dir, key, lock_timeout):
-            entry = cache.read_marker(user_dir, key)
-            if entry is not None and _still_usable(entry):  # another process just staged it
-                cache.touch(user_dir, key)
-                return StagedEnv(entry.prefix, key, archive, False, time.monotonic() - started)
+            reused = _reuse(user_dir, key, archive, started)  # another process may just have staged it
+            if reused is not None:
+                return reused
             cache.remove_unpublished(user_dir, key)
-            if archive_io.detect_format(archive) == "squashfs":
-                prefix = _stage_image_locked(archive, st, user_dir, key, progress)
+            if image_manifest is not None:
+                prefix = _stage_image_locked(archive, st, image_manifest, user_dir, key, progress)
             else:
                 prefix = user_dir / key
                 _stage_locked(archive, st, user_dir, key, progress)
@@ -137,6 +140,15 @@ def ensure_staged(
     if max_bytes:
         enforce_budget(user_dir, max_bytes, keep=key)
     return StagedEnv(prefix, key, archive, True, seconds)
+
+
+def _reuse(user_dir: Path, key: str, archive: Path, started: float) -> StagedEnv | None:
+    """The published env for ``key`` if it is usable as is (its use recorded), else None."""
+    entry = cache.read_marker(user_dir, key)
+    if entry is None or not _still_usable(entry):
+        return None
+    cache.touch(user_dir, key)
+    return StagedEnv(entry.prefix, key, archive, False, time.monotonic() - started)
 
 
 def _evict_idle(user_dir: Path, *, keep: str, min_idle: float, enough) -> list[cache.CacheEntry]:
@@ -265,9 +277,8 @@ def _still_usable(entry: cache.CacheEntry) -> bool:
     return entry.mode != "mounted" or os.path.ismount(entry.prefix)
 
 
-def _stage_image_locked(archive: Path, st: os.stat_result, user_dir: Path, key: str, progress) -> Path:
+def _stage_image_locked(archive: Path, st: os.stat_result, manifest, user_dir: Path, key: str, progress) -> Path:
     """Copy the image to local disk and mount it at its baked mount point (or unsquashfs there)."""
-    manifest = read_manifest(archive)
     mount_point = Path(manifest.dest_prefix)
     if manifest.size != st.st_size:
         raise ArchiveError(f"{archive} is {st.st_size} bytes but its manifest records {manifest.size}; re-create it with `kernelprov pack`.")
