@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from .cluster.harness import VENV, Cluster, ClusterUnavailable, as_user, create_user, execute, wait_for
+from .cluster.harness import CI_ROOT, VENV, Cluster, ClusterUnavailable, as_user, create_user, execute, machine_lock, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -50,13 +50,16 @@ print("KPCI " + json.dumps({
 
 
 def _require_cluster_prerequisites() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("the cluster test runs Slurm daemons and adds unix users: it needs root")
+    """Skip unless this machine can run the cluster; refresh the shared venv's kernelprov.
+
+    Called with the machine lock held (the set-up script would otherwise wait for it).
+    """
     for tool in ("munged", "slurmctld", "slurmd", "configurable-http-proxy", "useradd"):
         if shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None:
             pytest.skip(f"{tool} is not installed; run `bash .ci/setup`")
     # Installs this checkout's kernelprov into the shared venv if it changed; installs nothing else.
-    check = subprocess.run(["bash", ".ci/setup.d/30-cluster.sh", "--check"], cwd=REPO, capture_output=True, text=True)
+    check = subprocess.run(["bash", ".ci/setup.d/30-cluster.sh", "--check"], cwd=REPO, capture_output=True,
+                           text=True, env={**os.environ, "KERNELPROV_CI_LOCK_HELD": "1"})
     if check.returncode != 0:
         pytest.skip(f"the shared cluster venv is not ready: {(check.stdout + check.stderr).strip()}")
 
@@ -102,6 +105,15 @@ def cluster_run(runnable_archive):
     Yields (cluster, archive, results): per user what the kernel reported, plus the queue, the
     listening sockets and the seconds each phase took.
     """
+    if os.geteuid() != 0:
+        pytest.skip("the cluster test runs Slurm daemons and adds unix users: it needs root")
+    if not CI_ROOT.is_dir():
+        pytest.skip(f"{CI_ROOT} does not exist; run `bash .ci/setup`")
+    with machine_lock(timeout=300):
+        yield from _cluster_run(runnable_archive)
+
+
+def _cluster_run(runnable_archive):
     _require_cluster_prerequisites()
     timings: dict[str, float] = {}
     clock = time.monotonic()

@@ -26,6 +26,16 @@ if [ "$(id -u)" != 0 ]; then
     exit 0
 fi
 
+# One cluster test at a time per machine (they share the users, the venv and the daemons' binaries):
+# the test holds this lock from set-up to teardown and tells us so; otherwise wait for it here, so
+# that a refresh of the shared venv never swaps kernelprov under a running test.
+mkdir -p "$CI_ROOT"
+chmod 755 "$CI_ROOT"
+if [ -z "${KERNELPROV_CI_LOCK_HELD:-}" ]; then
+    exec 8>"$CI_ROOT/cluster.lock"
+    flock -w 900 8 || { say "timed out waiting for $CI_ROOT/cluster.lock (a cluster test is running)"; exit 3; }
+fi
+
 missing_apt() {
     local pkg missing=""
     for pkg in $APT_PACKAGES; do
@@ -67,8 +77,6 @@ requirements_stamp=$CI_ROOT/requirements.txt
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$requirements_stamp" 2>/dev/null)" != "$CLUSTER_REQUIREMENTS" ]; then
     if [ "$CHECK_ONLY" = 1 ]; then say "the shared venv $VENV is missing or outdated (run bash .ci/setup)"; exit 3; fi
     say "building the shared venv $VENV from /usr/bin/python3"
-    mkdir -p "$CI_ROOT"
-    chmod 755 "$CI_ROOT"
     [ -x "$VENV/bin/python" ] || (umask 022 && /usr/bin/python3 -m venv "$VENV")
     (umask 022 && quiet_pip install --quiet --upgrade pip && quiet_pip install --quiet $CLUSTER_REQUIREMENTS)
     echo "$CLUSTER_REQUIREMENTS" > "$requirements_stamp"

@@ -8,6 +8,8 @@ directory, and is stopped by its PID. Unix users made here are removed again, wi
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import pwd
@@ -25,7 +27,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 HERE = Path(__file__).parent
 CI_ROOT = Path(os.environ.get("KERNELPROV_CI_ROOT", "/opt/kernelprov-ci"))
@@ -34,6 +36,31 @@ NODE_NAME = "kpci-node"
 PARTITION = "kpci"
 USER_PREFIX = "kpci-"
 DAEMON_PATH = f"{VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+LOCK_FILE = CI_ROOT / "cluster.lock"
+
+
+@contextlib.contextmanager
+def machine_lock(timeout: float) -> Iterator[None]:
+    """Hold the machine-wide cluster-test lock (``.ci/setup.d/30-cluster.sh`` takes it too).
+
+    Two runs at once would share the test users and the shared venv; the second one waits.
+    """
+    fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another cluster test held {LOCK_FILE} for {timeout:.0f} s") from None
+                time.sleep(1)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class ClusterUnavailable(Exception):
