@@ -39,7 +39,7 @@ def read_prefix_records(unpack_script: bytes, archive: Path) -> list[PrefixRecor
         ):
             try:
                 records = ast.literal_eval(node.value)
-            except ValueError as err:
+            except ValueError:
                 break
             if all(_is_record(r) for r in records):
                 return [tuple(r) for r in records]

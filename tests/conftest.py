@@ -13,6 +13,7 @@ from pathlib import Path
 import jupyter_core.paths  # noqa: F401 — pytest_jupyter's jp_environ patches it without importing it
 import pytest
 
+from kernelprov.app import main
 from kernelprov.demo_env import cached_conda_env
 from kernelprov.pack import pack_env
 
@@ -68,6 +69,18 @@ def cache_root(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("KERNELPROV_CACHE_DIR", str(root))
     monkeypatch.setenv("KERNELPROV_IMAGE_ROOT", str(tmp_path / "images"))
     return root
+
+
+@pytest.fixture
+def cli(jp_environ, cache_root, capsys):
+    """Run the CLI; return (exit status, stdout, stderr)."""
+
+    def run(*argv: str):
+        status = main(list(argv))
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
 
 
 @pytest.fixture

@@ -9,20 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from kernelprov.app import main
 from kernelprov.config import KernelprovConfig, load_site_config
 from kernelprov.errors import ArchiveError
 from kernelprov.stage import ensure_staged
-
-
-@pytest.fixture
-def cli(jp_environ, cache_root, capsys):
-    def run(*argv: str):
-        status = main(list(argv))
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    return run
 
 
 def test_site_config_file_reaches_the_cli(cli, jp_env_config_path, tiny_archives, tmp_path, monkeypatch):

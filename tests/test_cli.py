@@ -11,21 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kernelprov.app import main
 from kernelprov.kernelspecs import PROVISIONER_NAME
 from kernelprov.manifest import read_manifest
-
-
-@pytest.fixture
-def cli(jp_environ, cache_root, capsys):
-    """Run the CLI; return (exit status, stdout, stderr)."""
-
-    def run(*argv: str):
-        status = main(list(argv))
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    return run
 
 
 def _kernel_dir(jp_data_dir: Path, name: str) -> Path:

@@ -19,6 +19,8 @@ from kernelprov.manifest import read_manifest
 from kernelprov.pack import pack_env
 from kernelprov.stage import clean, ensure_staged, find_staged
 
+from .kernel_client import evaluate
+
 pytestmark = pytest.mark.skipif(not shutil.which("mksquashfs"), reason="packing squashfs needs mksquashfs (squashfs-tools)")
 fuse = pytest.mark.skipif(not (shutil.which("squashfuse") and os.path.exists("/dev/fuse")),
                           reason="mounting needs squashfuse and /dev/fuse")
@@ -117,13 +119,7 @@ async def test_a_kernel_runs_from_a_mounted_image(kernel_environ, runnable_env, 
     km = AsyncKernelManager(kernel_name="img")
     await km.start_kernel()
     try:
-        client = km.client()
-        client.start_channels()
-        await client.wait_for_ready(timeout=60)
-        reply = await client.execute("import sys, ipykernel", user_expressions={"p": "sys.prefix", "k": "ipykernel.__file__"},
-                                     reply=True, timeout=60)
-        client.stop_channels()
-        values = {k: v["data"]["text/plain"].strip("'") for k, v in reply["content"]["user_expressions"].items()}
+        values = await evaluate(km, "import sys, ipykernel", {"p": "sys.prefix", "k": "ipykernel.__file__"})
         mount_point = km.provisioner.staged_env.prefix
         assert _mounted(mount_point) and values["p"] == str(mount_point)
         assert values["k"].startswith(f"{mount_point}/lib/")

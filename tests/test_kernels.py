@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import json
 import os
@@ -15,6 +14,8 @@ from jupyter_client.manager import AsyncKernelManager
 from kernelprov.app import main
 from kernelprov.pack import pack_env
 from kernelprov.provisioner import KernelprovProvisioner
+
+from .kernel_client import evaluate
 
 pytestmark = pytest.mark.slow
 
@@ -37,17 +38,8 @@ def installed_kernel(kernel_environ, runnable_archive, capsys) -> str:
 
 
 async def probe(km: AsyncKernelManager) -> dict[str, str]:
-    """Execute PROBE in the kernel; return the evaluated expressions as Python values."""
-    client = km.client()
-    client.start_channels()
-    try:
-        await client.wait_for_ready(timeout=60)
-        reply = await client.execute(PROBE, user_expressions=EXPRESSIONS, reply=True, timeout=60)
-    finally:
-        client.stop_channels()
-    content = reply["content"]
-    assert content["status"] == "ok", content
-    return {k: ast.literal_eval(v["data"]["text/plain"]) for k, v in content["user_expressions"].items()}
+    """Where the kernel runs from: PROBE's expressions, evaluated in the kernel."""
+    return await evaluate(km, PROBE, EXPRESSIONS)
 
 
 async def test_kernel_runs_from_the_staged_env_and_restart_reuses_it(installed_kernel, cache_root):
@@ -130,13 +122,7 @@ async def test_activate_d_scripts_run_in_the_kernel(kernel_environ, runnable_env
     km = AsyncKernelManager(kernel_name="act")
     await km.start_kernel()
     try:
-        client = km.client()
-        client.start_channels()
-        await client.wait_for_ready(timeout=60)
-        reply = await client.execute("import os", user_expressions={"v": "os.environ.get('KERNELPROV_TEST_ACTIVATED')"},
-                                     reply=True, timeout=60)
-        client.stop_channels()
-        value = ast.literal_eval(reply["content"]["user_expressions"]["v"]["data"]["text/plain"])
+        value = (await evaluate(km, "import os", {"v": "os.environ.get('KERNELPROV_TEST_ACTIVATED')"}))["v"]
         assert value == f"yes from {km.provisioner.staged_env.prefix}"
     finally:
         await km.shutdown_kernel(now=True)

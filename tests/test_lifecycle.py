@@ -17,6 +17,8 @@ from kernelprov.app import main
 from kernelprov.errors import CacheError
 from kernelprov.stage import clean, ensure_staged, evict, find_staged
 
+from .kernel_client import evaluate
+
 
 def _age(entry_or_staged, seconds: float = 3600) -> None:
     """Pretend an env was last used ``seconds`` ago (the marker's mtime is its last use)."""
@@ -81,10 +83,7 @@ async def test_a_running_kernel_holds_its_env(kernel_environ, runnable_archive, 
     km = AsyncKernelManager(kernel_name="demo")
     await km.start_kernel()
     try:
-        client = km.client()
-        client.start_channels()
-        await client.wait_for_ready(timeout=60)
-        client.stop_channels()
+        await evaluate(km, "pass")
         staged = km.provisioner.staged_env
         capsys.readouterr()
 
