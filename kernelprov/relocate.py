@@ -31,7 +31,7 @@ def read_prefix_records(unpack_script: bytes, archive: Path) -> list[PrefixRecor
     """
     try:
         tree = ast.parse(unpack_script)
-    except (SyntaxError, ValueError) as err:
+    except (SyntaxError, ValueError, MemoryError, RecursionError) as err:
         raise RelocateError(f"{archive} has an unreadable bin/conda-unpack ({err}); re-create it with `kernelprov pack`.") from err
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(
@@ -39,7 +39,7 @@ def read_prefix_records(unpack_script: bytes, archive: Path) -> list[PrefixRecor
         ):
             try:
                 records = ast.literal_eval(node.value)
-            except ValueError:
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # untrusted input
                 break
             if all(_is_record(r) for r in records):
                 return [tuple(r) for r in records]

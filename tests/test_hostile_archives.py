@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kernelprov.errors import ArchiveError
+from kernelprov.errors import ArchiveError, KernelprovError
 from kernelprov.stage import ensure_staged, find_staged
 
 
@@ -180,4 +180,20 @@ def test_an_archive_changed_while_reading_is_refused(tiny_archives, copy_archive
 
     with pytest.raises(ArchiveError, match="changed while it was being unpacked"):
         ensure_staged(archive, progress=rewrite_midway)
+    assert find_staged(archive) is None
+
+
+@pytest.mark.parametrize("script", [
+    b"_prefix_records = [" + b"[" * 100_000 + b"]" * 100_000 + b"]\n",  # nesting bomb
+    b"_prefix_records = [('../../etc/passwd', '/opt/old', 'text')]\n",  # a record pointing outside
+    b"_prefix_records = __import__('os').system('touch /tmp/pwned')\n",  # code, never executed
+])
+def test_hostile_prefix_records_are_refused(script, tmp_path, cache_root, outside):
+    archive = _tar(tmp_path / "env.tar.gz", [_file("etc/conf", b"/opt/old\n"), _file("bin/conda-unpack", script, 0o755)])
+
+    with pytest.raises(KernelprovError) as raised:
+        ensure_staged(archive)
+
+    assert "\n" not in str(raised.value) and str(archive) in str(raised.value)
+    assert list(outside.iterdir()) == [] and not os.path.exists("/tmp/pwned")
     assert find_staged(archive) is None
