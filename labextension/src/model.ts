@@ -49,9 +49,9 @@ export class EnvironmentsModel implements IDisposable {
     return this._loading;
   }
 
-  /** Whether an action on `name` waits for the server. */
-  isBusy(name: string): boolean {
-    return this._busy.has(name);
+  /** The action on `name` that waits for the server, if any. */
+  busyWith(name: string): EnvironmentsModel.Action | undefined {
+    return this._busy.get(name);
   }
 
   /** Set by the panel when it is shown or hidden: a hidden panel does not poll. */
@@ -78,12 +78,12 @@ export class EnvironmentsModel implements IDisposable {
 
   /** Start staging `name` on the server's node; progress arrives through the poll. */
   async stage(name: string): Promise<void> {
-    await this._act(name, { method: 'POST' });
+    await this._act(name, 'stage', { method: 'POST' });
   }
 
   /** Remove the staged copy of `name`; the server refuses while kernels use it. */
   async evict(name: string): Promise<void> {
-    await this._act(name, { method: 'DELETE' });
+    await this._act(name, 'evict', { method: 'DELETE' });
   }
 
   dispose(): void {
@@ -91,8 +91,8 @@ export class EnvironmentsModel implements IDisposable {
     Signal.clearData(this);
   }
 
-  private async _act(name: string, init: RequestInit): Promise<void> {
-    this._busy.add(name);
+  private async _act(name: string, action: EnvironmentsModel.Action, init: RequestInit): Promise<void> {
+    this._busy.set(name, action);
     this._changed.emit();
     try {
       const env = await requestAPI<IEnvironment>(stagePath(name), this._serverSettings, init);
@@ -130,7 +130,7 @@ export class EnvironmentsModel implements IDisposable {
       : { interval: IDLE_INTERVAL, backoff: true, max: 4 * IDLE_INTERVAL };
   }
 
-  private _busy = new Set<string>();
+  private _busy = new Map<string, EnvironmentsModel.Action>();
   private _cacheDir = '';
   private _changed = new Signal<this, void>(this);
   private _environments: IEnvironment[] = [];
@@ -139,4 +139,9 @@ export class EnvironmentsModel implements IDisposable {
   private _poll: Poll;
   private _serverSettings: ServerConnection.ISettings;
   private _visible = false;
+}
+
+export namespace EnvironmentsModel {
+  /** What a row's buttons ask of the server. */
+  export type Action = 'stage' | 'evict';
 }

@@ -31,9 +31,12 @@ export function formatBytes(bytes: number | null | undefined): string {
   return `${value >= 100 || unit === 0 ? value.toFixed(0) : value.toFixed(1)} ${units[unit]}`;
 }
 
-type State = 'problem' | 'failed' | 'staging' | 'ready' | 'not-staged';
+type State = 'problem' | 'failed' | 'staging' | 'evicting' | 'ready' | 'not-staged';
 
-function stateOf(env: IEnvironment): State {
+function stateOf(env: IEnvironment, busyWith?: EnvironmentsModel.Action): State {
+  if (env.staged && busyWith === 'evict') {
+    return 'evicting';
+  }
   if (env.staged) {
     return 'ready';
   }
@@ -43,14 +46,16 @@ function stateOf(env: IEnvironment): State {
   return env.problems.length ? 'problem' : 'not-staged';
 }
 
-function StateCell(props: { env: IEnvironment; trans: TranslationBundle }): JSX.Element {
-  const { env, trans } = props;
-  const state = stateOf(env);
+function StateCell(props: { env: IEnvironment; state: State; trans: TranslationBundle }): JSX.Element {
+  const { env, state, trans } = props;
   let label: string;
   let bar: JSX.Element | null = null;
   switch (state) {
     case 'ready':
       label = trans.__('ready');
+      break;
+    case 'evicting':
+      label = trans.__('evicting…');
       break;
     case 'failed':
       label = trans.__('failed');
@@ -81,9 +86,25 @@ function StateCell(props: { env: IEnvironment; trans: TranslationBundle }): JSX.
   );
 }
 
-function Details(props: { env: IEnvironment; trans: TranslationBundle }): JSX.Element | null {
+function Details(props: { env: IEnvironment; trans: TranslationBundle }): JSX.Element {
   const { env, trans } = props;
   const lines: JSX.Element[] = [];
+  // The Python and package columns give way in a narrow side bar (CSS container queries);
+  // this line repeats them there.
+  if (env.python_version !== null || env.packages !== null) {
+    lines.push(
+      <li key="facts" className="jp-kernelprov-narrowFacts">
+        {env.python_version !== null && (
+          <span className="jp-kernelprov-fact-python">{trans.__('Python %1', env.python_version)}</span>
+        )}
+        {env.packages !== null && (
+          <span className="jp-kernelprov-fact-packages">
+            {trans._n('%1 package', '%1 packages', env.packages)}
+          </span>
+        )}
+      </li>
+    );
+  }
   for (const problem of env.problems) {
     lines.push(
       <li key={`p-${problem}`} className="jp-kernelprov-problem">
@@ -115,7 +136,7 @@ function Details(props: { env: IEnvironment; trans: TranslationBundle }): JSX.El
       </li>
     );
   }
-  return lines.length ? <ul className="jp-kernelprov-details">{lines}</ul> : null;
+  return <ul className="jp-kernelprov-details">{lines}</ul>;
 }
 
 function EnvironmentRows(props: {
@@ -125,8 +146,9 @@ function EnvironmentRows(props: {
   trans: TranslationBundle;
 }): JSX.Element {
   const { env, model, actions, trans } = props;
-  const state = stateOf(env);
-  const busy = model.isBusy(env.name);
+  const busyWith = model.busyWith(env.name);
+  const busy = busyWith !== undefined;
+  const state = stateOf(env, busyWith);
   const blocked = env.problems.length > 0;
   const who = env.display_name;
   return (
@@ -136,10 +158,10 @@ function EnvironmentRows(props: {
           <span className="jp-kernelprov-displayName">{env.display_name}</span>
           <span className="jp-kernelprov-kernelName">{env.name}</span>
         </th>
-        <td className="jp-kernelprov-number">{formatBytes(env.archive_size)}</td>
-        <td className="jp-kernelprov-number">{env.python_version ?? '—'}</td>
-        <td className="jp-kernelprov-number">{env.packages ?? '—'}</td>
-        <StateCell env={env} trans={trans} />
+        <td className="jp-kernelprov-number jp-kernelprov-col-size">{formatBytes(env.archive_size)}</td>
+        <td className="jp-kernelprov-number jp-kernelprov-col-python">{env.python_version ?? '—'}</td>
+        <td className="jp-kernelprov-number jp-kernelprov-col-packages">{env.packages ?? '—'}</td>
+        <StateCell env={env} state={state} trans={trans} />
       </tr>
       <tr className="jp-kernelprov-actionsRow">
         <td colSpan={5}>
@@ -226,9 +248,13 @@ function EnvironmentsTable(props: {
           <thead>
             <tr>
               <th scope="col">{trans.__('Name')}</th>
-              <th scope="col">{trans.__('Size')}</th>
-              <th scope="col">{trans.__('Python')}</th>
-              <th scope="col">
+              <th scope="col" className="jp-kernelprov-number jp-kernelprov-col-size" title={trans.__('Archive size')}>
+                {trans.__('Size')}
+              </th>
+              <th scope="col" className="jp-kernelprov-number jp-kernelprov-col-python">
+                {trans.__('Python')}
+              </th>
+              <th scope="col" className="jp-kernelprov-number jp-kernelprov-col-packages">
                 <abbr title={trans.__('Packages')}>{trans.__('Pkgs')}</abbr>
               </th>
               <th scope="col">{trans.__('State')}</th>
