@@ -166,6 +166,12 @@ def _cmd_install(args) -> int:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     print(f"Installed kernel {name!r} in {destination} (archive: {archive})")
+    if args.kernels_dir or args.prefix or args.sys_prefix:
+        from .doctor import shared_access_findings, stager_python
+
+        for finding in shared_access_findings(stager_python(destination / "run.sh"), archive):
+            if not finding.ok:
+                print(f"kernelprov: warning: {finding.what}: {finding.fix}", file=sys.stderr)
     return 0
 
 

@@ -37,7 +37,55 @@ def check_kernel(kernel: KernelprovKernel, settings, *, verify_hash: bool = True
     findings = [_check_run_sh(kernel)]
     findings += _check_archive(kernel, settings, verify_hash)
     findings.append(_check_visible_under_jupyterhub(kernel))
+    if not _in_user_data_dir(kernel.resource_dir):
+        findings += shared_access_findings(stager_python(kernel.resource_dir / "run.sh"), kernel.archive)
     return findings
+
+
+def stager_python(run_sh: Path) -> str | None:
+    """The interpreter run.sh stages through when no provisioner started it."""
+    try:
+        match = _STAGER.search(run_sh.read_text())
+    except OSError:
+        return None
+    return shlex.split(match.group(1))[0] if match else None
+
+
+def reachable_by_others(path: Path, access: int) -> bool:
+    """Can any user reach ``path`` with ``access`` (``os.R_OK``/``os.X_OK``) by its "other" bits?"""
+    path = Path(os.path.realpath(path))
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    needed = {os.R_OK: 0o004, os.X_OK: 0o001}[access]
+    return bool(mode & needed) and all(parent.stat().st_mode & 0o001 for parent in path.parents)
+
+
+def shared_access_findings(stager: str | None, archive: Path | None) -> list[Finding]:
+    """For a global kernel: can every user run its stager and read its archive and manifest?
+
+    Called by ``doctor`` and at ``install`` time for kernels outside the installer's home.
+    """
+    findings = []
+    if stager:
+        ok = reachable_by_others(Path(stager), os.X_OK)
+        findings.append(Finding(ok, f"other users can run the stager {stager}" if ok else f"other users cannot run the stager {stager}",
+                                "" if ok else "install the kernel from a kernelprov in a world-readable environment "
+                                "(not under a private home such as /root)"))
+    if archive is not None and archive.exists():
+        for path in (archive, Path(f"{archive}.manifest.json")):
+            if path.exists():
+                ok = reachable_by_others(path, os.R_OK)
+                findings.append(Finding(ok, f"other users can read {path}" if ok else f"other users cannot read {path}",
+                                        "" if ok else f"chmod a+r {path} and a+x on each parent directory"))
+    return findings
+
+
+def _in_user_data_dir(path: Path) -> bool:
+    from jupyter_core.paths import jupyter_data_dir
+
+    return str(path).startswith(str(Path(jupyter_data_dir())) + os.sep)
 
 
 def check_node(settings) -> list[Finding]:
@@ -59,9 +107,8 @@ def _check_run_sh(kernel: KernelprovKernel) -> Finding:
     run_sh = kernel.resource_dir / "run.sh"
     if not os.access(run_sh, os.X_OK):
         return Finding(False, f"{run_sh} is not executable", f"chmod a+rx {run_sh}, or reinstall with --replace")
-    match = _STAGER.search(run_sh.read_text())
-    if match:
-        stager = shlex.split(match.group(1))[0]
+    stager = stager_python(run_sh)
+    if stager:
         if not os.access(stager, os.X_OK):
             return Finding(False, f"run.sh stages through {stager}, which you cannot execute",
                            "reinstall the kernel with a kernelprov that every user can run (e.g. the site's Jupyter env)")
@@ -110,9 +157,7 @@ def _check_archive(kernel: KernelprovKernel, settings, verify_hash: bool) -> lis
 
 
 def _check_visible_under_jupyterhub(kernel: KernelprovKernel) -> Finding:
-    from jupyter_core.paths import jupyter_data_dir
-
-    in_home = str(kernel.resource_dir).startswith(str(Path(jupyter_data_dir())) + os.sep)
+    in_home = _in_user_data_dir(kernel.resource_dir)
     hidden = os.environ.get("JUPYTERHUB_DISABLE_USER_CONFIG", "") not in ("", "0")
     if in_home and hidden:
         return Finding(False, "JupyterHub's disable_user_config hides kernels in your home directory",

@@ -89,3 +89,20 @@ def test_doctor_says_what_to_fix(cli, tiny_archives, copy_archive, jp_data_dir, 
     assert "its manifest says" in out and "re-create it with `kernelprov pack`" in out
     assert "disable_user_config hides kernels in your home directory" in out
     assert "-> install it with --sys-prefix or --kernels-dir DIR" in out
+
+
+def test_a_global_kernel_whose_stager_or_archive_others_cannot_reach_is_flagged(cli, tiny_archives, tmp_path):
+    # The installer's interpreter lives under root's private home here, as on many admin setups.
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    archive = private / "tiny.tar.gz"
+    archive.write_bytes(tiny_archives["tar.gz"].read_bytes())
+    os.chmod(archive, 0o600)
+    kernels = tmp_path / "apps-kernels"
+
+    status, _, err = cli("install", "site", "--archive", str(archive), "--kernels-dir", str(kernels))
+
+    assert status == 0
+    assert f"kernelprov: warning: other users cannot read {archive}: chmod a+r {archive}" in err
+    status, out, _ = cli("doctor", "site", "--kernels-dir", str(kernels), "--no-hash")
+    assert status == 1 and f"FIX other users cannot read {archive}" in out

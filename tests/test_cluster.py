@@ -28,7 +28,7 @@ import pytest
 
 from .cluster.harness import CI_ROOT, VENV, Cluster, ClusterUnavailable, as_user, create_user, execute, machine_lock, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parent.parent
 USERS = ["kpci-alice", "kpci-bob"]
