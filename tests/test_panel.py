@@ -165,7 +165,7 @@ def browser(lab):
 def page(browser, lab, tmp_path):
     from playwright.sync_api import expect
 
-    context = browser.new_context(viewport={"width": 1280, "height": 800}, color_scheme="light")
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, device_scale_factor=2, color_scheme="light")
     context.set_default_timeout(TIMEOUT_MS)
     # Generous: this 2-core machine also runs the server, kernels and an evict's rmtree of thousands of files.
     expect.set_options(timeout=TIMEOUT_MS)
@@ -277,7 +277,8 @@ def _widen_left_area(page, pixels: int) -> None:
 
 def _save_screenshot(page, panel, tmp_path: Path) -> None:
     """The panel down to its last line, light theme: to tmp_path, and to docs/ when asked."""
-    page.mouse.move(900, 700)  # no hover highlight in the picture
+    panel.locator(".jp-kernelprov-footer").click()  # no focus ring on the refresh button
+    page.mouse.move(900, 700)  # no hover highlight
     box = panel.bounding_box()
     footer = panel.locator(".jp-kernelprov-footer").bounding_box()
     clip = {"x": box["x"], "y": box["y"], "width": box["width"], "height": footer["y"] + footer["height"] + 12 - box["y"]}

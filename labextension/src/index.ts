@@ -12,7 +12,7 @@ import { Dialog, showDialog, showErrorMessage } from '@jupyterlab/apputils';
 import { IDocumentManager } from '@jupyterlab/docmanager';
 import { IDefaultFileBrowser } from '@jupyterlab/filebrowser';
 import { ITranslator, nullTranslator } from '@jupyterlab/translation';
-import { refreshIcon, SidePanel, ToolbarButton } from '@jupyterlab/ui-components';
+import { CommandToolbarButton, refreshIcon, SidePanel } from '@jupyterlab/ui-components';
 import { Message } from '@lumino/messaging';
 import { Panel, Widget } from '@lumino/widgets';
 
@@ -22,6 +22,7 @@ import { EnvironmentsView, IEnvironmentActions } from './panel';
 import { IEnvironment } from './request';
 
 const PANEL_ID = 'kernelprov-environments';
+const REFRESH_COMMAND = 'kernelprov:refresh-environments';
 
 /**
  * The side panel: polls only while it is visible.
@@ -121,16 +122,18 @@ const plugin: JupyterFrontEndPlugin<void> = {
     heading.node.textContent = trans.__('Environments');
     heading.addClass('jp-kernelprov-title');
     panel.header.addWidget(heading);
+    app.commands.addCommand(REFRESH_COMMAND, {
+      label: trans.__('Refresh Environments'),
+      caption: trans.__('Refresh the list of environments'),
+      icon: refreshIcon,
+      execute: async () => {
+        await serviceManager.kernelspecs.refreshSpecs();
+        await model.refresh();
+      }
+    });
     panel.toolbar.addItem(
       'refresh',
-      new ToolbarButton({
-        icon: refreshIcon,
-        tooltip: trans.__('Refresh the list of environments'),
-        onClick: () => {
-          void serviceManager.kernelspecs.refreshSpecs();
-          void model.refresh();
-        }
-      })
+      new CommandToolbarButton({ commands: app.commands, id: REFRESH_COMMAND, label: '' })
     );
     panel.addWidget(new EnvironmentsView(model, actions, trans));
 
