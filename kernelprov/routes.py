@@ -60,6 +60,7 @@ class KernelprovHandler(APIHandler):
 
     @property
     def environments(self) -> KernelprovEnvironments:
+        """The server's one :class:`~kernelprov.serverext.KernelprovEnvironments`."""
         return self.settings[SETTINGS_KEY]
 
     async def kernel(self, name: str) -> KernelprovKernel:
@@ -71,6 +72,7 @@ class KernelprovHandler(APIHandler):
         return kernel
 
     async def reply(self, kernel: KernelprovKernel, status: int = 200) -> None:
+        """Finish with the kernel's current description, as one row of ``GET /kernelprov/envs``."""
         self.set_status(status)
         self.finish(json.dumps(await asyncio.to_thread(self.environments.describe, kernel)))
 
@@ -99,6 +101,7 @@ class EnvironmentsHandler(KernelprovHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
+        """Called by the panel's poll (every 15 s, every 0.5 s while something stages)."""
         envs = await asyncio.to_thread(self.environments.describe_all)
         self.finish(json.dumps({"envs": envs, "cache_dir": self.environments.cache_dir}))
 
@@ -109,6 +112,7 @@ class StageHandler(KernelprovHandler):
     @web.authenticated
     @authorized
     async def post(self, name: str) -> None:
+        """Called by the panel's *Stage now*: start a pre-warm and answer at once (202)."""
         kernel = await self.kernel(name)
         await asyncio.to_thread(self.environments.start_staging, kernel)
         await self.reply(kernel, 202)
@@ -116,6 +120,7 @@ class StageHandler(KernelprovHandler):
     @web.authenticated
     @authorized
     async def delete(self, name: str) -> None:
+        """Called by the panel's *Evict*: remove the staged copy; 404 when there is none."""
         kernel = await self.kernel(name)
         evicted = await asyncio.to_thread(self.environments.evict, kernel)
         if evicted is None:
