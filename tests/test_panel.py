@@ -119,9 +119,9 @@ def jp_asyncio_loop():
     yield None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def lab(tmp_path_factory, runnable_archive):
-    """``jupyter lab`` with two kernelprov kernels from the runnable archive: ``demo`` and
+    """``jupyter lab`` (once for this module) with two kernelprov kernels from the runnable archive: ``demo`` and
     ``scratch`` (a copy, so it stages separately). Everything Jupyter writes goes to a temporary
     home; the server finds kernelprov's extensions through this venv's own share/ and etc/."""
     root = tmp_path_factory.mktemp("lab")
@@ -150,7 +150,7 @@ def lab(tmp_path_factory, runnable_archive):
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(lab):
     from playwright.sync_api import sync_playwright
 
@@ -170,7 +170,7 @@ def page(browser, lab, tmp_path):
     # Generous: this 2-core machine also runs the server, kernels and an evict's rmtree of thousands of files.
     expect.set_options(timeout=TIMEOUT_MS)
     page = context.new_page()
-    page.goto(f"{lab.url}/lab?token={lab.token}")
+    page.goto(f"{lab.url}/lab?reset&token={lab.token}")  # a fresh workspace: the panel starts closed
     page.locator("#jp-main-dock-panel").wait_for()
     yield page
     context.close()
@@ -254,6 +254,32 @@ def test_panel_stages_an_env_and_runs_a_notebook_on_it(lab, page, runnable_archi
     expect(row.locator(".jp-kernelprov-state")).to_have_text("not staged")
     expect(page.locator(".jp-Dialog")).to_have_count(0)  # no error
     assert not Path(staged_prefix).exists()
+
+
+def test_a_filter_box_appears_when_there_are_many(lab, page):
+    from playwright.sync_api import expect
+
+    kernels = Path(lab.environ["JUPYTER_DATA_DIR"]) / "kernels"
+    extra = []
+    try:
+        for i in range(5):  # seven in all: more than the panel shows without a filter
+            target = kernels / f"team-{i}"
+            shutil.copytree(kernels / "scratch", target)
+            spec = json.loads((target / "kernel.json").read_text())
+            (target / "kernel.json").write_text(json.dumps({**spec, "display_name": f"Team env {i}"}))
+            extra.append(target)
+        page.locator('.jp-SideBar [data-id="kernelprov-environments"]').click()
+        panel = page.locator("#kernelprov-environments")
+        expect(panel.locator("tbody")).to_have_count(7)
+        search = panel.get_by_role("searchbox", name="Filter environments")
+        search.fill("team env 3")
+        expect(panel.locator("tbody")).to_have_count(1)
+        expect(panel.locator("tbody")).to_contain_text("Team env 3")
+        search.fill("nothing like this")
+        expect(panel).to_contain_text("No environment matches")
+    finally:
+        for target in extra:
+            shutil.rmtree(target)
 
 
 def _age_leases(prefix: Path) -> None:
