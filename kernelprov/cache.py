@@ -43,7 +43,7 @@ CACHE_ROOT_VARIABLES = ("KERNELPROV_CACHE_DIR", "SLURM_TMPDIR", "TMPDIR")
 MARKER_VERSION = 1
 _KEY_LENGTH = 12
 _FALLBACK_ATTEMPTS = 5
-#: A lease file this young counts as held even if unlocked: its kernel may be about to lock it.
+#: A lease file not named by a PID (older run.sh) counts as held this long even if unlocked.
 LEASE_GRACE_SECONDS = 60.0
 
 
@@ -216,10 +216,12 @@ def lease_dir(prefix: Path) -> Path:
 
 
 def count_leases(prefix: Path) -> int:
-    """How many processes hold a lease on ``key``; stale lease files are removed on the way.
+    """How many kernels hold a lease on the env at ``prefix``; stale lease files are removed.
 
-    run.sh opens one lease file per kernel and holds an exclusive ``flock`` on it, inherited by
-    the kernel process: the lock, and so the lease, dies with the kernel even on ``kill -9``.
+    run.sh writes one lease file per kernel, named by its PID (which ``exec`` hands to the
+    kernel), and holds an exclusive ``flock`` on it that the kernel inherits. A lease counts while
+    its lock is held or its process is alive (between run.sh opening and locking it, or on a node
+    without ``flock``); once the process is gone it is stale at once.
     """
     held = 0
     try:
@@ -240,13 +242,26 @@ def count_leases(prefix: Path) -> int:
             held += 1
             continue
         else:
-            if time.time() - os.fstat(fd).st_mtime < LEASE_GRACE_SECONDS:
+            if _lease_holder_alive(name, os.fstat(fd).st_mtime):
                 held += 1
             else:
                 os.unlink(path)
         finally:
             os.close(fd)
     return held
+
+
+def _lease_holder_alive(name: str, mtime: float) -> bool:
+    """For an unlocked lease file: is the process it names still running?"""
+    if not name.isdigit():
+        return time.time() - mtime < LEASE_GRACE_SECONDS
+    try:
+        os.kill(int(name), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, just not ours to signal
+    return True
 
 
 def try_evict(user_dir: Path, key: str, *, min_idle: float = 0.0) -> CacheEntry | None:

@@ -52,10 +52,12 @@ if [ -z "${{KERNELPROV_ENV:-}}" ] || [ "${{KERNELPROV_ARCHIVE:-}}" != "$archive"
     KERNELPROV_ENV="$({stager} -m kernelprov unpack --quiet "$archive")"
     export KERNELPROV_ENV KERNELPROV_ARCHIVE="$archive"
 fi
-# Lease the env for as long as this kernel (or anything it starts) lives: the flock is inherited
-# by the kernel and released by the kernel's death, so eviction never removes an env in use.
-if command -v flock >/dev/null 2>&1 && mkdir -p "$KERNELPROV_ENV.leases" 2>/dev/null; then
-    lease="$(mktemp "$KERNELPROV_ENV.leases/XXXXXXXX")" && exec 9>"$lease" && flock -n 9 || true
+# Lease the env for as long as this kernel (or anything it starts) lives, so eviction never
+# removes an env in use. The lease is named by our PID, which the exec below hands to the kernel,
+# and flock'ed on an fd the kernel inherits: it dies with the kernel, even on kill -9.
+if mkdir -p "$KERNELPROV_ENV.leases" 2>/dev/null; then
+    exec 9>"$KERNELPROV_ENV.leases/$$"
+    if command -v flock >/dev/null 2>&1; then flock -n 9 || true; fi
 fi
 # conda-pack's activate sets CONDA_PREFIX and PATH and runs etc/conda/activate.d/*.sh; it does
 # nothing when CONDA_PREFIX already names this env, so clear what the provisioner set.
