@@ -144,11 +144,15 @@ class KernelprovEnvironments(KernelprovConfig):
                 "bytes": entry.env_bytes,
                 "staged_at": entry.staged_at,
                 "last_used": entry.last_used,
-                "in_use": getattr(entry, "in_use", 0),
+                "in_use": entry.in_use,
             }
         job = self._job(archive, settings.cache_dir)
         if job is not None and (entry is None or job.error):
             info["staging"] = job.as_dict()
+        elif entry is None:
+            started = stage.staging_in_progress(archive, cache_root=settings.cache_dir)
+            if started is not None:  # a kernel start or a job prologue is unpacking it
+                info["staging"] = {"done": 0, "total": 0, "fraction": None, "started_at": started, "error": None}
         return info
 
     def start_staging(self, kernel: KernelprovKernel) -> PrewarmJob:
@@ -178,7 +182,7 @@ class KernelprovEnvironments(KernelprovConfig):
 
     def _stage(self, job: PrewarmJob, settings: KernelprovConfig, key: tuple[str, str]) -> None:
         try:
-            staged = stage.ensure_staged(job.archive, progress=job.report, **_stage_options(settings))
+            staged = stage.ensure_staged(job.archive, progress=job.report, **settings.stage_options())
         except KernelprovError as err:
             self.log.warning("kernelprov: pre-warm of %s failed: %s", job.archive, err)
             job.error = str(err)
@@ -232,14 +236,6 @@ class KernelprovEnvironments(KernelprovConfig):
         except TraitError as err:
             problems.append(f"Its kernel_provisioner config is invalid: {err}")
             return None
-
-
-def _stage_options(settings: KernelprovConfig) -> dict[str, Any]:
-    """Keyword arguments for ensure_staged; ``stage_options()`` where the engine has it."""
-    options = getattr(settings, "stage_options", None)
-    if options is not None:
-        return options()
-    return {"cache_root": settings.cache_dir, "lock_timeout": settings.lock_timeout}
 
 
 def _load_jupyter_server_extension(serverapp: LoggingConfigurable) -> None:

@@ -361,6 +361,27 @@ def find_staged(archive: Path | str, *, cache_root: Path | str | None = None) ->
     return None
 
 
+def staging_in_progress(archive: Path | str, *, cache_root: Path | str | None = None) -> float | None:
+    """When a process (a kernel start, a job prologue) began unpacking ``archive``'s current
+    version on this node, or None. Called by the REST API so the panel shows "staging…" for
+    stages it did not start itself."""
+    archive = Path(archive).expanduser().absolute()
+    try:
+        key = cache.archive_key(archive, os.stat(archive))
+    except OSError:
+        return None
+    for user_dir in user_dirs(cache_root):
+        started = [p.stat().st_mtime for p in user_dir.glob(f".staging-{key}-*")]
+        if not started:
+            continue
+        try:
+            with cache.key_lock(user_dir, key, timeout=0):
+                return None  # nobody holds the lock: leftovers of a killed stage
+        except Timeout:
+            return min(started)
+    return None
+
+
 def evict(archive: Path | str, *, cache_root: Path | str | None = None) -> cache.CacheEntry:
     """Remove the staged copy of ``archive``; refuse while a kernel uses it.
 

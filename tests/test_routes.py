@@ -140,6 +140,27 @@ def test_stage_runs_in_the_background_and_reports_progress(api, install, tiny_ar
     assert done["staged"]["last_used"] >= done["staged"]["staged_at"] - 1
 
 
+def test_a_stage_started_by_a_kernel_is_shown_as_staging(api, install, tiny_archives, cache_root):
+    archive = install("tiny", tiny_archives["tar.gz"])
+    release, started = threading.Event(), threading.Event()
+
+    def hold(done, total):  # the real engine, paused mid-unpack, as a kernel start would be
+        started.set()
+        assert release.wait(20)
+
+    kernel_start = threading.Thread(target=stage.ensure_staged, args=(archive,),
+                                    kwargs={"progress": hold})
+    kernel_start.start()
+    try:
+        assert started.wait(20)
+        env = envs(api)["tiny"]
+        assert env["staged"] is None and env["staging"]["fraction"] is None and env["staging"]["error"] is None
+    finally:
+        release.set()
+        kernel_start.join()
+    assert envs(api)["tiny"]["staging"] is None and envs(api)["tiny"]["staged"]
+
+
 def test_a_failed_stage_is_shown_with_its_message(api, install, tiny_archives):
     archive = install("broken", tiny_archives["tar.gz"])
     with open(archive, "ab") as f:
