@@ -1,7 +1,9 @@
 """Read conda-pack archives safely and stream their members onto local disk.
 
-Called by :func:`kernelprov.stage.ensure_staged` (and nothing else) to turn an archive into a
-directory tree. The format is detected from the file's first bytes, never trusted from its name.
+Called by :func:`kernelprov.stage.ensure_staged` to turn an archive into a directory tree
+(:func:`extract`), and at pack/install time to describe one for its manifest (:func:`scan`). The
+format is detected from the file's first bytes, never trusted from its name; tar streams are
+parsed by :mod:`kernelprov.tarstream`.
 Every member is validated before anything is written (no absolute names, no ``..``, no links
 leaving the tree, no device files; setuid/setgid bits dropped), and the archive is hashed while it
 streams so that a manifest's sha256 can be checked without a second read.
@@ -328,7 +330,7 @@ def _tar_members(stream: BinaryIO, archive: Path, dest: str) -> Iterator[tuple[_
         yield _Member(name, entry.kind, entry.mode, entry.mtime, entry.linkname, entry.size), chunks
 
 
-def _zip_members(zf: zipfile.ZipFile, archive: Path) -> Iterator[tuple[_Member, BinaryIO | None]]:
+def _zip_members(zf: zipfile.ZipFile, archive: Path) -> Iterator[tuple[_Member, Iterable[bytes] | None]]:
     for info in zf.infolist():
         name = normalise_member_name(info.filename, archive)
         unix_mode = info.external_attr >> 16
