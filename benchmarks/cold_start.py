@@ -712,6 +712,8 @@ class TargetRun:
         item = self.record("concurrent", f"{self.concurrent} concurrent kernelprov cold ({fmt})", "concurrent", seconds)
         item.extra.setdefault("extractions", []).append(extractions)
         item.extra.setdefault("each", []).append(sorted(s.seconds for s in starts))
+        # The extracting start's stage time; the others' include their wait for its lock.
+        item.extra.setdefault("stage_seconds", []).append(max(s.staged.seconds for s in starts if s.staged.extracted))
         say(f"     {self.concurrent} concurrent cold {fmt:<7} {seconds:7.2f} s  (extractions: {extractions})")
         self.evict(cache_dir)
 
