@@ -7,6 +7,7 @@ import io
 import os
 import stat
 import tarfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -55,6 +56,11 @@ def _assert_refused(archive: Path, cache_root: Path, outside: Path, *, member: s
     user_dir = next(cache_root.glob("kernelprov-*"))
     assert not list(user_dir.glob(".staging-*")), "the staging dir must be removed"
     assert find_staged(archive) is None
+    assert _read_ahead_threads() == [], "a refused archive must not leave its decompression thread running"
+
+
+def _read_ahead_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "kernelprov-read-ahead"]
 
 
 @pytest.mark.parametrize("members, offender", [
@@ -74,6 +80,18 @@ def _assert_refused(archive: Path, cache_root: Path, outside: Path, *, member: s
 def test_unsafe_members_are_refused(members, offender, tmp_path, cache_root, outside):
     archive = _tar(tmp_path / "evil.tar.gz", members)
     _assert_refused(archive, cache_root, outside, member=offender)
+
+
+def test_a_refusal_early_in_a_big_archive_stops_the_read_ahead(tmp_path, cache_root, outside):
+    # 24 MiB of incompressible data after the offending member: the decompression thread runs
+    # ahead, fills its queue and blocks; the refusal must stop and join that thread.
+    big = _file("lib/big.bin", os.urandom(24 << 20))
+    archive = _tar(tmp_path / "evil.tar", [_file("lib/ok"), _file("../escaped"), big], mode="w")
+    import zstandard
+
+    compressed = tmp_path / "evil.tar.zst"
+    compressed.write_bytes(zstandard.ZstdCompressor(level=1).compress(archive.read_bytes()))
+    _assert_refused(compressed, cache_root, outside, member="../escaped")
 
 
 def test_symlink_then_write_through_it_is_refused(tmp_path, cache_root, outside):
@@ -155,6 +173,7 @@ def test_truncated_compressed_archives_are_refused_without_a_manifest(fmt, tiny_
     with pytest.raises(ArchiveError, match="truncated or corrupt"):
         ensure_staged(archive)
     assert find_staged(archive) is None
+    assert _read_ahead_threads() == []
 
 
 def test_a_bit_flip_is_caught_by_the_manifest(tiny_archives, copy_archive, cache_root):
