@@ -434,6 +434,42 @@ def _zip_members(zf: zipfile.ZipFile, archive: Path) -> Iterator[tuple[_Member, 
                 yield _Member(name, "file", unix_mode or 0o644, mtime, size=info.file_size), chunks
 
 
+def restore_source_mtimes(root: Path, files: set[str]) -> int:
+    """Give each ``.py`` file back the exact mtime its ``__pycache__`` bytecode was compiled from.
+
+    Called by :func:`extract` after unpacking a zip, whose timestamps have 2-second resolution
+    (and no sub-second part): without this every odd-second source looks newer than its .pyc, so
+    the first kernel recompiles its imports (measured: +0.55 s on the benchmark env). Only a
+    timestamp-based .pyc whose recorded source size matches and whose recorded mtime lies in the
+    same 2-second slot as the extracted file is trusted, so a .pyc that was stale in the packed
+    env stays stale. Returns how many sources were adjusted.
+    """
+    adjusted = 0
+    for name in files:
+        if not name.endswith(".pyc") or "/__pycache__/" not in f"/{name}":
+            continue
+        cache_dir, pyc = posixpath.split(name)
+        source = posixpath.join(posixpath.dirname(cache_dir), pyc.split(".", 1)[0] + ".py")
+        if source not in files:
+            continue
+        try:
+            with open(os.path.join(root, name), "rb") as f:
+                header = f.read(16)
+            source_path = os.path.join(root, source)
+            st = os.lstat(source_path)
+        except OSError:
+            continue
+        if len(header) < 16 or int.from_bytes(header[4:8], "little") != 0:
+            continue  # not a timestamp-based pyc (hash-based ones need no mtime)
+        recorded_mtime = int.from_bytes(header[8:12], "little")
+        recorded_size = int.from_bytes(header[12:16], "little")
+        if recorded_size != st.st_size & 0xFFFFFFFF or not 0 < recorded_mtime - int(st.st_mtime) < 2:
+            continue
+        os.utime(source_path, (recorded_mtime, recorded_mtime), follow_symlinks=False)
+        adjusted += 1
+    return adjusted
+
+
 def _write_all(members: Iterator[tuple[_Member, Iterable[bytes] | None]], writer: _TreeWriter) -> None:
     """Write every member, keeping conda-pack's unpack script in memory for relocate.py."""
     for member, chunks in members:
@@ -468,6 +504,7 @@ def extract(archive: Path, dest: Path, *, progress: ProgressCallback | None = No
                 # zip needs random access, so the hash costs a second sequential read here.
                 with zipfile.ZipFile(raw_file) as zf:
                     _write_all(_zip_members(zf, archive), writer)
+                restore_source_mtimes(dest, result.files)
                 raw_file.seek(0)
                 reader.drain()
             else:

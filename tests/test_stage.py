@@ -40,6 +40,33 @@ def test_each_format_stages_a_relocated_runnable_tree(fmt, tiny_archives, cache_
     assert os.stat(prefix / "share/tiny/plain.txt").st_mtime == OLD_MTIME
 
 
+def test_zip_sources_get_their_bytecode_mtime_back(tmp_path, cache_root):
+    # zip keeps mtimes to 2 s: an odd-second source would look newer than its .pyc, and every
+    # first kernel start would recompile. A .pyc that was already stale must stay stale.
+    import importlib.util
+    import py_compile
+    import zipfile
+
+    tree = tmp_path / "env"
+    (tree / "lib").mkdir(parents=True)
+    for name, text in (("fresh", "x = 1\n"), ("stale", "y = 2\n")):
+        source = tree / "lib" / f"{name}.py"
+        source.write_text(text)
+        os.utime(source, (1_600_000_001, 1_600_000_001))
+        py_compile.compile(str(source), cfile=importlib.util.cache_from_source(str(source)), doraise=True)
+    (tree / "lib/stale.py").write_text("y = 22\n")  # edited after compiling: a different size
+    os.utime(tree / "lib/stale.py", (1_600_000_001, 1_600_000_001))
+    archive = tmp_path / "env.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:  # as conda-pack writes zips
+        for path in sorted(tree.rglob("*")):
+            zf.write(path, path.relative_to(tree).as_posix())
+
+    prefix = ensure_staged(archive).prefix
+
+    assert os.stat(prefix / "lib/fresh.py").st_mtime == 1_600_000_001
+    assert int(os.stat(prefix / "lib/stale.py").st_mtime) == 1_600_000_000
+
+
 def test_binary_files_keep_their_length(tiny_env, tiny_archives, cache_root):
     staged = ensure_staged(tiny_archives["tar.zst"])
     assert (staged.prefix / "lib/libtiny.so").stat().st_size == (tiny_env / "lib/libtiny.so").stat().st_size
