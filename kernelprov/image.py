@@ -55,9 +55,18 @@ def copy_image(source: Path, target: Path, progress: ProgressCallback | None) ->
     return digest.hexdigest()
 
 
+def _squashfuse() -> str | None:
+    """The squashfuse binary to mount with: ``squashfuse_ll`` (same package) where present.
+
+    The low-level variant lets the kernel cache lookups and attributes; measured on the benchmark
+    env, a kernel start plus ``import numpy, pandas`` from the mount took 0.52 s instead of 0.87 s.
+    """
+    return shutil.which("squashfuse_ll") or shutil.which("squashfuse")
+
+
 def fuse_available() -> bool:
     """Can this process mount with squashfuse (binary, /dev/fuse and a fusermount helper)?"""
-    return bool(shutil.which("squashfuse")) and os.path.exists("/dev/fuse") and bool(
+    return bool(_squashfuse()) and os.path.exists("/dev/fuse") and bool(
         shutil.which("fusermount3") or shutil.which("fusermount") or os.geteuid() == 0
     )
 
@@ -67,9 +76,26 @@ def mount(image: Path, mount_point: Path) -> bool:
     if not fuse_available():
         return False
     mount_point.mkdir(mode=0o755, exist_ok=True)
-    result = subprocess.run(["squashfuse", str(image), str(mount_point)], capture_output=True, text=True)
+    binary = _squashfuse()
+    result = subprocess.run([binary, str(image), str(mount_point)], capture_output=True, text=True)
     if result.returncode != 0 or not os.path.ismount(mount_point):
-        log.warning("squashfuse could not mount %s (%s); extracting it instead", image, result.stderr.strip())
+        log.warning("%s could not mount %s (%s); extracting it instead", binary, image, result.stderr.strip())
+        return False
+    return True
+
+
+def is_alive(mount_point: Path) -> bool:
+    """Is ``mount_point`` a mount whose FUSE daemon still answers?
+
+    Called by the stage engine before it reuses a mounted image. ``ismount`` alone is not enough:
+    squashfuse_ll lets the kernel cache attributes, so a mount whose daemon was killed (job end)
+    still looks mounted to ``lstat``; ``statvfs`` is never cached and fails with ENOTCONN.
+    """
+    try:
+        if not os.path.ismount(mount_point):
+            return False
+        os.statvfs(mount_point)
+    except OSError:
         return False
     return True
 

@@ -274,7 +274,7 @@ def _image_user_dir(archive: Path, manifest) -> Path:
 
 def _still_usable(entry: cache.CacheEntry) -> bool:
     """An image whose FUSE daemon died (job end, node cleanup) must be mounted again."""
-    return entry.mode != "mounted" or os.path.ismount(entry.prefix)
+    return entry.mode != "mounted" or image.is_alive(entry.prefix)
 
 
 def _stage_image_locked(archive: Path, st: os.stat_result, manifest, user_dir: Path, key: str, progress) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 
+from kernelprov import image
 from kernelprov.app import main
 from kernelprov.errors import CacheError
 from kernelprov.manifest import read_manifest
@@ -67,15 +68,38 @@ def test_an_image_is_mounted_at_its_baked_mount_point(tiny_image, cache_root):
 @fuse
 def test_a_dead_mount_is_mounted_again(tiny_image, cache_root):
     mount_point = ensure_staged(tiny_image).prefix
+    assert (mount_point / "bin/hello").exists()  # a kernel ran from it: the kernel caches attributes
     # What a job's end does to the user's squashfuse daemon.
-    subprocess.run(["pkill", "-9", "-f", f"squashfuse .* {mount_point}"], check=True)
+    subprocess.run(["pkill", "-9", "-f", f"squashfuse(_ll)? .* {mount_point}"], check=True)
     deadline = time.monotonic() + 10
-    while _mounted(mount_point) and time.monotonic() < deadline:
+    while image.is_alive(mount_point) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _mounted(mount_point)
+    assert not image.is_alive(mount_point)
     again = ensure_staged(tiny_image)
     assert again.extracted and _mounted(mount_point)
     assert (mount_point / "bin/hello").exists()
+
+
+@fuse
+@pytest.mark.parametrize("binary", ["squashfuse_ll", "squashfuse"])
+def test_either_squashfuse_binary_mounts(binary, tiny_image, cache_root, tmp_path, monkeypatch):
+    # squashfuse_ll (kernel-cached lookups) is preferred; older nodes may only have squashfuse.
+    if not shutil.which(binary):
+        pytest.skip(f"{binary} is not installed")
+    pgrep = shutil.which("pgrep")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in (binary, "fusermount3", "fusermount", "umount"):
+        if shutil.which(tool):
+            (bindir / tool).symlink_to(shutil.which(tool))
+    monkeypatch.setenv("PATH", str(bindir))
+
+    mount_point = ensure_staged(tiny_image).prefix
+
+    assert _mounted(mount_point) and find_staged(tiny_image).mode == "mounted"
+    daemons = subprocess.run([pgrep, "-a", "-f", f" {mount_point}$"], capture_output=True, text=True).stdout
+    assert Path(daemons.split()[1]).name == binary, daemons
+    assert [e.prefix for e in clean()] == [mount_point]
 
 
 @fuse
