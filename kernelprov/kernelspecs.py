@@ -4,7 +4,7 @@ Called by ``kernelprov install/list/remove`` and by the server routes. A kernelp
 
     <kernels dir>/<name>/
         kernel.json          argv = [<dir>/run.sh, -f, {connection_file}], kernel_provisioner config
-        run.sh               stages the env if nobody did, sources its activate, execs ipykernel
+        run.sh               stages the env if nobody did, activates it, execs ipykernel
         logo-32x32.png  logo-64x64.png
         <name>.tar.zst(+.manifest.json)   only when kernelprov packed the env itself
 
@@ -41,11 +41,13 @@ LOGOS = ("logo-32x32.png", "logo-64x64.png")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 _RUN_SH = """\
-#!/usr/bin/env bash
+#!/bin/bash
 # kernelprov kernel {name!r}: ipykernel from a packed conda env staged on node-local disk.
 # Jupyter runs this as: run.sh -f <connection file>. When the kernelprov provisioner started it,
 # KERNELPROV_ENV already names the staged env; otherwise (a client or server without the
 # provisioner) it stages the env itself through the same engine: `kernelprov unpack`.
+# Tools are named by absolute path: a PATH search walks the user's PATH, often through $HOME on
+# the shared filesystem this kernel is meant to stay off.
 set -euo pipefail
 archive={archive}
 if [ -z "${{KERNELPROV_ENV:-}}" ] || [ "${{KERNELPROV_ARCHIVE:-}}" != "$archive" ]; then
@@ -55,20 +57,19 @@ fi
 # Lease the env for as long as this kernel (or anything it starts) lives, so eviction never
 # removes an env in use. The lease is named by our PID, which the exec below hands to the kernel,
 # and flock'ed on an fd the kernel inherits: it dies with the kernel, even on kill -9.
-if mkdir -p "$KERNELPROV_ENV.leases" 2>/dev/null; then
+if [ -d "$KERNELPROV_ENV.leases" ] || {mkdir} -p "$KERNELPROV_ENV.leases" 2>/dev/null; then
     exec 9>"$KERNELPROV_ENV.leases/$$"
-    if command -v flock >/dev/null 2>&1; then flock -n 9 || true; fi
+    if [ -x {flock} ]; then {flock} -n 9 || true; fi
 fi
-# conda-pack's activate sets CONDA_PREFIX and PATH and runs etc/conda/activate.d/*.sh; it does
-# nothing when CONDA_PREFIX already names this env, so clear what the provisioner set.
-unset CONDA_PREFIX
-if [ -f "$KERNELPROV_ENV/bin/activate" ]; then
-    set +u
-    source "$KERNELPROV_ENV/bin/activate"
-    set -u
-else
-    export CONDA_PREFIX="$KERNELPROV_ENV" PATH="$KERNELPROV_ENV/bin:$PATH"
-fi
+# Activate as conda-pack's bin/activate does (CONDA_PREFIX, PATH, etc/conda/activate.d/*.sh),
+# without its dirname/basename/ls subshells.
+export CONDA_PREFIX="$KERNELPROV_ENV" PATH="$KERNELPROV_ENV/bin:$PATH"
+shopt -s nullglob
+set +eu
+for script in "$KERNELPROV_ENV"/etc/conda/activate.d/*.sh; do
+    . "$script"
+done
+set -eu
 exec "$KERNELPROV_ENV/bin/python" -m ipykernel_launcher "$@"
 """
 
@@ -110,9 +111,15 @@ def build_kernel_json(kernel_dir: Path, *, display_name: str, archive: Path, env
     }
 
 
+def _system_tool(name: str) -> str:
+    """Absolute path of a base-system tool for run.sh (the bare name if it is not in /usr/bin or /bin)."""
+    return shlex.quote(shutil.which(name, path="/usr/bin:/bin") or name)
+
+
 def render_run_sh(name: str, archive: Path, stager_python: str | None = None) -> str:
     """run.sh for ``archive``; ``stager_python`` (default: this interpreter) has kernelprov installed."""
-    return _RUN_SH.format(name=name, archive=shlex.quote(str(archive)), stager=shlex.quote(stager_python or sys.executable))
+    return _RUN_SH.format(name=name, archive=shlex.quote(str(archive)), stager=shlex.quote(stager_python or sys.executable),
+                          mkdir=_system_tool("mkdir"), flock=_system_tool("flock"))
 
 
 def prepare_kernel_dir(name: str, kernels_dir: Path, *, replace: bool) -> Path:

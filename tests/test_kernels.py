@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 
+from kernelprov import cache
 from kernelprov.app import main
 from kernelprov.pack import pack_env
 from kernelprov.provisioner import KernelprovProvisioner
@@ -124,6 +125,26 @@ async def test_activate_d_scripts_run_in_the_kernel(kernel_environ, runnable_env
     try:
         value = (await evaluate(km, "import os", {"v": "os.environ.get('KERNELPROV_TEST_ACTIVATED')"}))["v"]
         assert value == f"yes from {km.provisioner.staged_env.prefix}"
+    finally:
+        await km.shutdown_kernel(now=True)
+
+
+async def test_run_sh_never_searches_the_users_path(installed_kernel, cache_root, tmp_path):
+    # A user's PATH usually starts in $HOME, on the shared filesystem: run.sh must not walk it.
+    # Every tool it could look up sits first on PATH here and would leave a trace if run.
+    trap, traces = tmp_path / "home-bin", tmp_path / "traces"
+    trap.mkdir()
+    traces.mkdir()
+    for tool in ("bash", "env", "dirname", "basename", "ls", "mkdir", "flock", "python", "python3", "cat", "sed"):
+        (trap / tool).write_text(f"#!/bin/sh\ntouch {traces}/{tool}\nexit 1\n")
+        (trap / tool).chmod(0o755)
+    km = AsyncKernelManager(kernel_name=installed_kernel)
+    await km.start_kernel(env={**os.environ, "PATH": f"{trap}:{os.environ['PATH']}"})
+    try:
+        seen = await probe(km)
+        assert seen["path0"] == f"{km.provisioner.staged_env.prefix}/bin"
+        assert sorted(p.name for p in traces.iterdir()) == []
+        assert cache.count_leases(km.provisioner.staged_env.prefix) == 1  # flock found without PATH
     finally:
         await km.shutdown_kernel(now=True)
 
