@@ -36,7 +36,7 @@ def test_install_from_env_prefix_writes_the_template_kernel_layout(cli, tiny_env
     run_sh = kdir / "run.sh"
     assert run_sh.stat().st_mode & stat.S_IXUSR
     text = run_sh.read_text()
-    assert text.startswith("#!/usr/bin/env bash\n")
+    assert text.startswith("#!/bin/bash\n")
     assert 'exec "$KERNELPROV_ENV/bin/python" -m ipykernel_launcher "$@"' in text
     assert (kdir / "logo-64x64.png").read_bytes().startswith(b"\x89PNG")
     manifest = read_manifest(kdir / "tiny.tar.zst")
