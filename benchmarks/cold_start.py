@@ -551,8 +551,16 @@ class TargetRun:
         return item
 
     def discard(self, path: Path) -> None:
-        """Set a measured tree aside (a rename); it is deleted at the end of the repetition."""
-        if os.path.lexists(path):
+        """Drop a measured tree, never timed. On a disk it is set aside (a rename) and deleted at the
+        end of the repetition: deletions slow later file creation there for minutes. On tmpfs it is
+        deleted at once: keeping a repetition's ~10 trees (6 GB) in RAM made each step land on
+        memory the VM had never touched, whose first-touch faults slowed the later steps by up to
+        1.9x (the 8 concurrent starts, always last, most of all)."""
+        if not os.path.lexists(path):
+            return
+        if self.results.fstype == "tmpfs":
+            remove_tree(path)
+        else:
             os.rename(path, self.trash / path.name)
 
     def empty_trash(self) -> None:
@@ -701,15 +709,18 @@ class TargetRun:
         else:  # a leftover of an earlier repetition was reused: not a cold start, so not counted
             self.results.notes.setdefault("errors", []).append(f"kernelprov {fmt}: a 'cold' start reused a staged env")
         warms = []
-        for _ in range(WARM_PAIRS):
-            # Warm and plain starts alternate, so that both see the same machine: a kernel start
-            # is ~0.5 s and drifts by more than the 5 % the warm target allows.
+        for pair in range(WARM_PAIRS):
+            # Warm and plain starts alternate in ABBA order, so that both see the same machine and
+            # the same predecessor: a start right after a killed kernel differs by ~50 ms (10 %),
+            # more than the 5 % the warm target allows.
+            if pair % 2 and self.baseline is not None:
+                await self.plain(self.baseline, quiet=True)
             self.settle()
             warm = await start_kernel(self.kernels[fmt])
             self.record(f"warm-{fmt}", f"kernelprov warm ({fmt})", "kernelprov warm", warm.seconds,
                         {"stage check": warm.staged.seconds, "kernel start": warm.seconds - warm.staged.seconds})
             warms.append(warm)
-            if self.baseline is not None:
+            if not pair % 2 and self.baseline is not None:
                 await self.plain(self.baseline, quiet=True)
         say(f"     kernelprov cold {fmt:<10} {cold.seconds:7.2f} s  (stage {stage:.2f}; extracted={cold.staged.extracted}); "
             f"warm {', '.join(f'{w.seconds:.2f}' for w in warms)} s (extracted={any(w.staged.extracted for w in warms)})")
@@ -920,7 +931,8 @@ def print_report(target_results: list[Results], decompression: dict[str, Measure
     for item in decompression.values():
         say(f"  {item.label:<58} {item.median:8.2f} s")
     for r, rs in zip(target_results, all_ratios):
-        say(f"\nTarget {r.target} ({r.fstype}) — medians of {max((len(i.samples) for i in r.items.values()), default=0)} reps")
+        reps = max((len(i.samples) for k, i in r.items.items() if k == "cold-tar.zst" or k == "manual"), default=0)
+        say(f"\nTarget {r.target} ({r.fstype}) — medians of {reps} reps ({WARM_PAIRS} warm + plain pairs per cold start)")
         say(f"  {'measurement':<58} {'median':>8} {'min':>8} {'max':>8} {'bg cpu':>7} {'µs/file':>8}   parts (medians)")
         for item in r.items.values():
             parts = ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in item.parts.items())
