@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from traitlets import List, TraitError, Unicode
+from traitlets import List, Set, TraitError, Unicode
 from traitlets.config import LoggingConfigurable
 
 from . import stage
@@ -74,21 +74,31 @@ class KernelprovEnvironments(KernelprovConfig):
         KernelSpecManager's, so the panel sees every kernel the server can start.""",
     )
 
+    allowed_kernelspecs = Set(
+        Unicode(),
+        help="""The server's KernelSpecManager.allowed_kernelspecs: when not empty, the panel lists
+        (and pre-warms) only these kernels, as the launcher does.""",
+    )
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._jobs: dict[tuple[str, str], PrewarmJob] = {}
         self._jobs_lock = threading.Lock()
 
+    def _kernels(self) -> list[KernelprovKernel]:
+        """The kernelprov kernels this server offers (its allowed_kernelspecs applied)."""
+        return [k for k in find_kernels(self.kernel_dirs) if not self.allowed_kernelspecs or k.name in self.allowed_kernelspecs]
+
     def find(self, name: str) -> KernelprovKernel | None:
         """The kernelprov kernel called ``name`` (a name already validated), or None."""
-        for kernel in find_kernels(self.kernel_dirs):
+        for kernel in self._kernels():
             if kernel.name == name:
                 return kernel
         return None
 
     def describe_all(self) -> list[dict[str, Any]]:
         """Called by ``GET /kernelprov/envs``: every kernelprov kernel, sorted by name."""
-        return [self.describe(kernel) for kernel in find_kernels(self.kernel_dirs)]
+        return [self.describe(kernel) for kernel in self._kernels()]
 
     def describe(self, kernel: KernelprovKernel) -> dict[str, Any]:
         """One kernel as the panel shows it: archive facts from its manifest (never from the archive
@@ -242,8 +252,10 @@ def _load_jupyter_server_extension(serverapp: LoggingConfigurable) -> None:
     """Called by jupyter_server once at start-up: register the panel's REST API."""
     from .routes import setup_handlers
 
-    kernel_dirs = [str(d) for d in getattr(serverapp.kernel_spec_manager, "kernel_dirs", None) or []]
-    environments = KernelprovEnvironments(parent=serverapp, kernel_dirs=kernel_dirs)
+    ksm = serverapp.kernel_spec_manager
+    kernel_dirs = [str(d) for d in getattr(ksm, "kernel_dirs", None) or []]
+    allowed = set(getattr(ksm, "allowed_kernelspecs", None) or ())
+    environments = KernelprovEnvironments(parent=serverapp, kernel_dirs=kernel_dirs, allowed_kernelspecs=allowed)
     setup_handlers(serverapp.web_app, environments)
     serverapp.log.info("kernelprov: environments panel API at %skernelprov/envs (cache %s)",
                        serverapp.web_app.settings.get("base_url", "/"), environments.cache_dir)

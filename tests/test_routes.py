@@ -332,3 +332,22 @@ def test_server_config_chooses_the_cache(configured_cache, api, install, tiny_ar
     api("POST", "envs", "tiny", "stage")
     prefix = Path(wait_for(api, "tiny", lambda env: env["staged"])["staged"]["prefix"])
     assert prefix.parent.parent == chosen
+
+
+class TestTheServersAllowedKernelspecs:
+    """A server that offers only some kernels (``KernelSpecManager.allowed_kernelspecs``): the
+    panel lists and pre-warms only those, like JupyterLab's launcher."""
+
+    @pytest.fixture
+    def jp_server_config(self, cache_root):
+        return {"ServerApp": {"jpserver_extensions": {"kernelprov": True}},
+                "KernelSpecManager": {"allowed_kernelspecs": ["shown"]}}
+
+    def test_only_allowed_kernels_are_listed_or_staged(self, api, install, tiny_archives):
+        install("shown", tiny_archives["tar.gz"])
+        install("hidden", tiny_archives["tar.zst"])
+
+        assert set(envs(api)) == {"shown"}
+        status, body = api("POST", "envs", "hidden", "stage")
+        assert status == 404 and "hidden" in body["message"]
+        assert api("POST", "envs", "shown", "stage")[0] == 202
