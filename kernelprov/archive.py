@@ -37,7 +37,8 @@ from .tarstream import TarEntry, TarFormatError, TarStream
 
 log = logging.getLogger(__name__)
 
-#: Progress callbacks receive (archive bytes read so far, archive size in bytes).
+#: Progress callbacks receive (archive bytes read so far, archive size in bytes). For tar formats they
+#: are called from the read-ahead thread (see :class:`_ReadAhead`), so they must be thread-safe.
 ProgressCallback = Callable[[int, int], None]
 
 #: The archive member whose bytes hold conda-pack's prefix records (see relocate.py).
