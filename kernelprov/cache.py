@@ -111,6 +111,21 @@ def user_cache_dir(root: Path) -> Path:
     raise CacheError(f"No safe kernelprov cache directory could be made in {root}; set KERNELPROV_CACHE_DIR to a private local directory.")
 
 
+def unmarked_keys(user_dir: Path) -> set[str]:
+    """Keys whose env dir or image copy is still in ``user_dir`` but whose marker is gone.
+
+    An eviction removes the marker first, so one killed mid-delete (or a full disk while deleting)
+    leaves such a tree: never trusted, but also never reused, so ``kernelprov cache clean`` sweeps
+    it. Staging dirs of killed stages are found separately (``.staging-<key>-*``).
+    """
+    keys = set()
+    for path in user_dir.iterdir():
+        key = path.name.removesuffix(".squashfs").removesuffix(".leases")
+        if len(key) == _KEY_LENGTH and all(c in "0123456789abcdef" for c in key) and not marker_path(user_dir, key).exists():
+            keys.add(key)
+    return keys
+
+
 def archive_key(archive: Path, st: os.stat_result) -> str:
     """Identify one version of an archive: its real path, size and mtime (no read of its bytes)."""
     identity = f"{os.path.realpath(archive)}\0{st.st_size}\0{st.st_mtime_ns}"
@@ -301,6 +316,12 @@ def remove_unpublished(user_dir: Path, key: str) -> None:
             os.unlink(env_dir)
         else:
             shutil.rmtree(env_dir, ignore_errors=True)
+    if read_marker(user_dir, key) is None and lease_dir(env_dir).is_dir():
+        shutil.rmtree(lease_dir(env_dir), ignore_errors=True)
+    image_copy = user_dir / f"{key}.squashfs"
+    if os.path.lexists(image_copy) and read_marker(user_dir, key) is None:
+        log.info("removing unpublished image copy %s", image_copy)
+        os.unlink(image_copy)
 
 
 def remove_entry(user_dir: Path, key: str) -> None:

@@ -407,7 +407,7 @@ def _marker_dir(entry: cache.CacheEntry, cache_root) -> Path:
 def clean(*, cache_root: Path | str | None = None) -> list[cache.CacheEntry]:
     """Evict every staged env of this user that no kernel uses and nobody is staging; return them.
 
-    Called by ``kernelprov cache clean``; also removes leftovers of killed stages.
+    Called by ``kernelprov cache clean``; also removes leftovers of killed stages and evictions.
     """
     evicted = []
     for user_dir in user_dirs(cache_root):
@@ -417,6 +417,7 @@ def clean(*, cache_root: Path | str | None = None) -> list[cache.CacheEntry]:
                 log.info("keeping %s: in use by %s kernel(s) or being staged", entry.prefix, entry.in_use)
             else:
                 evicted.append(gone)
-        for leftover in {p.name.split("-")[1] for p in user_dir.glob(".staging-*-*")}:
+        leftovers = {p.name.split("-")[1] for p in user_dir.glob(".staging-*-*")} | cache.unmarked_keys(user_dir)
+        for leftover in leftovers:
             cache.try_evict(user_dir, leftover)
     return evicted

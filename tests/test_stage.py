@@ -195,6 +195,19 @@ def test_clean_evicts_staged_envs(tiny_archives, cache_root):
     shutil.rmtree(cache_root)
 
 
+def test_clean_sweeps_what_a_killed_eviction_left(tiny_archives, cache_root):
+    # Eviction deletes the marker first: killed right after, the tree stays, unmarked.
+    staged = ensure_staged(tiny_archives["tar.gz"])
+    cache.lease_dir(staged.prefix).mkdir()  # a kernel ran from it once (its lease file is gone)
+    cache.marker_path(staged.prefix.parent, staged.key).unlink()
+    assert staged.prefix.is_dir() and find_staged(tiny_archives["tar.gz"]) is None
+
+    assert clean() == []
+
+    assert not staged.prefix.exists()
+    assert sorted(p.name for p in staged.prefix.parent.iterdir()) == [f"{staged.key}.lock"]
+
+
 def test_an_archive_without_a_manifest_works_with_a_warning(tiny_archives, copy_archive, cache_root, caplog):
     archive = copy_archive(tiny_archives["tar.zst"])
     (archive.parent / f"{archive.name}.manifest.json").unlink(missing_ok=True)
