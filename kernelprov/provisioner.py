@@ -9,7 +9,9 @@ setting). Everything else — ports, the connection file, the process — is ``L
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from jupyter_client.provisioning import LocalProvisioner
@@ -23,6 +25,13 @@ try:  # jupyter_server shows an HTTPError's message in JupyterLab; any other exc
     from tornado.web import HTTPError as _ServerError
 except ImportError:  # pragma: no cover - a client without tornado just sees a KernelprovError
     _ServerError = Exception  # type: ignore[assignment,misc]
+
+
+#: Threads that run :func:`ensure_staged` for kernel starts, apart from the event loop's default
+#: executor: a start can wait on another's unpack for minutes (its lock), and jupyter_server runs
+#: its own blocking work (e.g. the async contents manager's file reads and saves) in the default
+#: executor, which a few waiting starts would otherwise fill. Threads are made on demand.
+_STAGING_THREADS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="kernelprov-stage")
 
 
 class KernelStartError(KernelprovError, _ServerError):  # type: ignore[misc,valid-type]
@@ -59,7 +68,8 @@ class KernelprovProvisioner(KernelprovConfig, LocalProvisioner):  # type: ignore
         """Stage the env, then let LocalProvisioner build the launch command and environment.
 
         Called from ``KernelManager.pre_start_kernel()`` at every start and restart. Unpacking
-        runs in a worker thread so the server's event loop never blocks; a restart finds the env
+        runs in a thread of kernelprov's own pool, so neither the server's event loop nor its
+        default executor ever waits for it; a restart finds the env
         already staged and costs a ``stat``. A failure raises
         :class:`~kernelprov.errors.KernelprovError`, whose one-sentence message is what
         JupyterLab shows in its "Error Starting Kernel" dialog.
@@ -70,7 +80,8 @@ class KernelprovProvisioner(KernelprovConfig, LocalProvisioner):  # type: ignore
             )
         self.log.info("kernelprov: staging %s for kernel %s", self.archive, self.kernel_id)
         try:
-            self.staged_env = await asyncio.to_thread(ensure_staged, self.archive, **self.stage_options())
+            stage = functools.partial(ensure_staged, self.archive, **self.stage_options())
+            self.staged_env = await asyncio.get_running_loop().run_in_executor(_STAGING_THREADS, stage)
         except KernelprovError as err:
             self.log.error("kernelprov: cannot start kernel %s: %s", self.kernel_id, err)
             raise KernelStartError(str(err)) from err

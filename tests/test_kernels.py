@@ -81,6 +81,39 @@ async def test_eight_kernels_starting_at_once_extract_once_and_all_run(installed
         await asyncio.gather(*(km.shutdown_kernel(now=True) for km in managers if km.has_kernel))
 
 
+async def test_starts_waiting_for_an_unpack_leave_the_servers_threads_free(installed_kernel, runnable_archive, cache_root):
+    # jupyter_server runs blocking work (e.g. the async contents manager's reads and saves) in
+    # the event loop's default executor. Starts waiting on another process's unpack must not sit
+    # in it: here it has two threads, and three starts wait behind a lock held elsewhere.
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=2))
+    lock = cache.user_cache_dir(cache_root) / f"{cache.archive_key(runnable_archive, runnable_archive.stat())}.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('held', flush=True); time.sleep(120)", str(lock)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    managers = [AsyncKernelManager(kernel_name=installed_kernel) for _ in range(3)]
+    try:
+        assert holder.stdout.readline() == "held\n"
+        starts = asyncio.gather(*(km.start_kernel() for km in managers))
+        await asyncio.sleep(0.5)
+        assert not starts.done()  # all three wait for the lock
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), timeout=5) == "free"
+        holder.kill()
+        await asyncio.wait_for(starts, timeout=120)
+        assert sorted(km.provisioner.staged_env.extracted for km in managers) == [False, False, True]
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+        await asyncio.gather(*(km.shutdown_kernel(now=True) for km in managers if km.has_kernel))
+
+
 async def test_run_sh_stages_the_env_without_the_provisioner(installed_kernel, jp_data_dir, cache_root):
     # A kernelspec with the provisioner metadata stripped is what a client without provisioner
     # support (or a server without kernelprov) effectively runs: just argv, i.e. run.sh.
