@@ -2,7 +2,8 @@
 
 Registered by :func:`kernelprov.serverext._load_jupyter_server_extension`. The handlers are thin:
 they authenticate and authorize every request, accept kernel names only (never paths), run the
-blocking work of :class:`~kernelprov.serverext.KernelprovEnvironments` in worker threads, and turn
+blocking work of :class:`~kernelprov.serverext.KernelprovEnvironments` in a pool of their own (not
+the server's default executor, which a slow shared filesystem would otherwise fill), and turn
 its :class:`~kernelprov.errors.KernelprovError` into an HTTP status in one place,
 :meth:`KernelprovHandler.write_error`. Writes are XSRF-checked by jupyter_server's ``APIHandler``.
 
@@ -17,7 +18,9 @@ DELETE  /kernelprov/envs/<name>/stage   evict the staged copy; the env's descrip
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+from concurrent.futures import ThreadPoolExecutor
 from http.client import responses
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +34,15 @@ from .kernelspecs import KernelprovKernel, validate_name
 
 if TYPE_CHECKING:
     from .serverext import KernelprovEnvironments
+
+#: Threads for the handlers' blocking work: reading kernel dirs and manifests on shared storage.
+_PANEL_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kernelprov-panel")
+
+
+async def _in_thread(function, *args):
+    """Run ``function(*args)`` in the panel's pool and await it (the handlers' only way to block)."""
+    return await asyncio.get_running_loop().run_in_executor(_PANEL_THREADS, functools.partial(function, *args))
+
 
 #: The resource name an Authorizer sees for every request to this API ("read" or "write").
 AUTH_RESOURCE = "kernelprov"
@@ -66,7 +78,7 @@ class KernelprovHandler(APIHandler):
     async def kernel(self, name: str) -> KernelprovKernel:
         """The kernelprov kernel named in the URL: 400 for a name that is not one, 404 if unknown."""
         validate_name(name)
-        kernel = await asyncio.to_thread(self.environments.find, name)
+        kernel = await _in_thread(self.environments.find, name)
         if kernel is None:
             raise web.HTTPError(404, f"No kernelprov kernel named {name!r} on this server.")
         return kernel
@@ -74,7 +86,7 @@ class KernelprovHandler(APIHandler):
     async def reply(self, kernel: KernelprovKernel, status: int = 200) -> None:
         """Finish with the kernel's current description, as one row of ``GET /kernelprov/envs``."""
         self.set_status(status)
-        self.finish(json.dumps(await asyncio.to_thread(self.environments.describe, kernel)))
+        self.finish(json.dumps(await _in_thread(self.environments.describe, kernel)))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Domain errors become their status and a one-sentence ``message``; the rest as jupyter_server does."""
@@ -102,7 +114,7 @@ class EnvironmentsHandler(KernelprovHandler):
     @authorized
     async def get(self) -> None:
         """Called by the panel's poll (every 15 s, every 0.5 s while something stages)."""
-        envs = await asyncio.to_thread(self.environments.describe_all)
+        envs = await _in_thread(self.environments.describe_all)
         self.finish(json.dumps({"envs": envs, "cache_dir": self.environments.cache_dir}))
 
 
@@ -114,7 +126,7 @@ class StageHandler(KernelprovHandler):
     async def post(self, name: str) -> None:
         """Called by the panel's *Stage now*: start a pre-warm and answer at once (202)."""
         kernel = await self.kernel(name)
-        await asyncio.to_thread(self.environments.start_staging, kernel)
+        await _in_thread(self.environments.start_staging, kernel)
         await self.reply(kernel, 202)
 
     @web.authenticated
@@ -122,7 +134,7 @@ class StageHandler(KernelprovHandler):
     async def delete(self, name: str) -> None:
         """Called by the panel's *Evict*: remove the staged copy; 404 when there is none."""
         kernel = await self.kernel(name)
-        evicted = await asyncio.to_thread(self.environments.evict, kernel)
+        evicted = await _in_thread(self.environments.evict, kernel)
         if evicted is None:
             raise web.HTTPError(404, f"{kernel.name} is not staged on this node.")
         await self.reply(kernel)
