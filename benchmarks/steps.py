@@ -107,11 +107,6 @@ def engine_way(archive: Path, dest: Path, *, read_ahead: bool = True, isal: bool
     assert staged.extracted and (staged.prefix / "bin" / "python").exists()
 
 
-def image_way(archive: Path, dest: Path) -> None:
-    staged = ensure_staged(archive, cache_root=dest)
-    assert staged.extracted and (staged.prefix / "bin" / "python").exists()
-
-
 def variants(archives: dict[str, Path]) -> list[tuple[str, str, Callable[[Path], None]]]:
     gz, zst = archives["tar.gz"], archives["tar.zst"]
     ladder = [
@@ -124,7 +119,7 @@ def variants(archives: dict[str, Path]) -> list[tuple[str, str, Callable[[Path],
         ("engine-zst-ahead", ".tar.zst + read-ahead thread (today's default)", lambda d: engine_way(zst, d)),
     ]
     if "squashfs" in archives:
-        ladder.append(("image", "squashfs image mode: copy + FUSE mount", lambda d: image_way(archives["squashfs"], d)))
+        ladder.append(("image", "squashfs image mode: copy + FUSE mount", lambda d: engine_way(archives["squashfs"], d)))
     return ladder
 
 

@@ -309,17 +309,18 @@ def remove_unpublished(user_dir: Path, key: str) -> None:
     for leftover in user_dir.glob(f".staging-{key}-*"):
         log.info("removing leftover staging directory %s", leftover)
         shutil.rmtree(leftover, ignore_errors=True)
+    if read_marker(user_dir, key) is not None:
+        return
     env_dir = user_dir / key
-    if os.path.lexists(env_dir) and read_marker(user_dir, key) is None:
+    if os.path.lexists(env_dir):
         log.info("removing unpublished environment %s", env_dir)
         if os.path.islink(env_dir) or not env_dir.is_dir():
             os.unlink(env_dir)
         else:
             shutil.rmtree(env_dir, ignore_errors=True)
-    if read_marker(user_dir, key) is None and lease_dir(env_dir).is_dir():
-        shutil.rmtree(lease_dir(env_dir), ignore_errors=True)
+    shutil.rmtree(lease_dir(env_dir), ignore_errors=True)
     image_copy = user_dir / f"{key}.squashfs"
-    if os.path.lexists(image_copy) and read_marker(user_dir, key) is None:
+    if os.path.lexists(image_copy):
         log.info("removing unpublished image copy %s", image_copy)
         os.unlink(image_copy)
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import cache, stage
 from .archive import detect_format
 from .errors import KernelprovError
-from .kernelspecs import PROVISIONER_NAME, KernelprovKernel
+from .kernelspecs import PROVISIONER_NAME, KernelprovKernel, system_tool
 from .manifest import read_manifest
 from .stage import user_dirs
 
@@ -89,7 +88,7 @@ def _in_user_data_dir(path: Path) -> bool:
 
 
 def check_node(settings) -> list[Finding]:
-    """Checks that do not depend on a kernel: provisioner installed, cache usable, leases, FUSE."""
+    """Checks that do not depend on a kernel: provisioner installed, cache usable, leases."""
     findings = [_check_provisioner()]
     try:
         dirs = user_dirs(settings.cache_dir)
@@ -98,7 +97,7 @@ def check_node(settings) -> list[Finding]:
                                       f"and {vfs.f_favail} files free"))
     except KernelprovError as err:
         findings.append(Finding(False, "the node-local cache is unusable", str(err)))
-    findings.append(Finding(bool(shutil.which("flock")), "flock is available for kernel leases",
+    findings.append(Finding(bool(system_tool("flock")), "flock is available for kernel leases",
                             "install util-linux: without flock, envs in use are not protected from eviction"))
     return findings
 

@@ -2,10 +2,10 @@
 
 Called by :mod:`kernelprov.stage` for squashfs archives. A squashfs image is read-only, so it is
 relocated at pack time instead: ``kernelprov pack --format squashfs`` asks conda-pack for
-``dest_prefix=<mount point>``, a fixed per-user path under ``/tmp`` (:func:`image_root`)
-(:func:`default_mount_point`), recorded in the manifest. At kernel start the image is copied to
-local disk (one sequential file copy, hashed on the way) and mounted there with ``squashfuse``
-(FUSE, unprivileged): no per-file creation at all. Where FUSE is unavailable the image is
+``dest_prefix=<mount point>``, a fixed per-user path (:func:`default_mount_point`) under
+:func:`image_root`, recorded in the manifest. At kernel start the image is copied to local disk
+(one sequential file copy, hashed on the way) and mounted there with ``squashfuse_ll`` or
+``squashfuse`` (FUSE, unprivileged): no per-file creation at all. Where FUSE is unavailable the image is
 extracted to the same path with ``unsquashfs`` instead.
 """
 
@@ -64,11 +64,14 @@ def _squashfuse() -> str | None:
     return shutil.which("squashfuse_ll") or shutil.which("squashfuse")
 
 
+def _fusermount() -> str | None:
+    """The helper that unmounts a FUSE mount without privileges (fuse3's name first)."""
+    return shutil.which("fusermount3") or shutil.which("fusermount")
+
+
 def fuse_available() -> bool:
     """Can this process mount with squashfuse (binary, /dev/fuse and a fusermount helper)?"""
-    return bool(_squashfuse()) and os.path.exists("/dev/fuse") and bool(
-        shutil.which("fusermount3") or shutil.which("fusermount") or os.geteuid() == 0
-    )
+    return bool(_squashfuse()) and os.path.exists("/dev/fuse") and bool(_fusermount() or os.geteuid() == 0)
 
 
 def mount(image: Path, mount_point: Path) -> bool:
@@ -104,7 +107,7 @@ def unmount(mount_point: Path) -> None:
     """Unmount a squashfuse mount (called on eviction)."""
     if not os.path.ismount(mount_point):
         return
-    helper = shutil.which("fusermount3") or shutil.which("fusermount")
+    helper = _fusermount()
     command = [helper, "-u", str(mount_point)] if helper else ["umount", str(mount_point)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -120,7 +123,7 @@ def clear_mount_point(mount_point: Path) -> None:
     except OSError as err:
         if err.errno != errno.ENOTCONN:
             raise
-        helper = shutil.which("fusermount3") or shutil.which("fusermount")
+        helper = _fusermount()
         subprocess.run([helper, "-u", "-z", str(mount_point)] if helper else ["umount", "-l", str(mount_point)],
                        capture_output=True)
     unmount(mount_point)

@@ -111,15 +111,18 @@ def build_kernel_json(kernel_dir: Path, *, display_name: str, archive: Path, env
     }
 
 
-def _system_tool(name: str) -> str:
-    """Absolute path of a base-system tool for run.sh (the bare name if it is not in /usr/bin or /bin)."""
-    return shlex.quote(shutil.which(name, path="/usr/bin:/bin") or name)
+def system_tool(name: str) -> str | None:
+    """Absolute path of a base-system tool run.sh calls (in /usr/bin or /bin), or None.
+
+    Called by :func:`render_run_sh`, which writes it into run.sh, and by ``kernelprov doctor``.
+    """
+    return shutil.which(name, path="/usr/bin:/bin")
 
 
 def render_run_sh(name: str, archive: Path, stager_python: str | None = None) -> str:
     """run.sh for ``archive``; ``stager_python`` (default: this interpreter) has kernelprov installed."""
     return _RUN_SH.format(name=name, archive=shlex.quote(str(archive)), stager=shlex.quote(stager_python or sys.executable),
-                          mkdir=_system_tool("mkdir"), flock=_system_tool("flock"))
+                          mkdir=shlex.quote(system_tool("mkdir") or "mkdir"), flock=shlex.quote(system_tool("flock") or "flock"))
 
 
 def prepare_kernel_dir(name: str, kernels_dir: Path, *, replace: bool) -> Path:

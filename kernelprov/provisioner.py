@@ -69,8 +69,8 @@ class KernelprovProvisioner(KernelprovConfig, LocalProvisioner):  # type: ignore
 
         Called from ``KernelManager.pre_start_kernel()`` at every start and restart. Unpacking
         runs in a thread of kernelprov's own pool, so neither the server's event loop nor its
-        default executor ever waits for it; a restart finds the env
-        already staged and costs a ``stat``. A failure raises
+        default executor ever waits for it; a restart finds the env already staged and costs a
+        ``stat``. A failure raises
         :class:`~kernelprov.errors.KernelprovError`, whose one-sentence message is what
         JupyterLab shows in its "Error Starting Kernel" dialog.
         """
