@@ -136,7 +136,7 @@ class Results:
 
 
 def build_env(cache_dir: Path) -> Path:
-    from kernelprov.demo_env import cached_conda_env
+    from kernelprov.cli.demo_env import cached_conda_env
 
     started = time.perf_counter()
     prefix = cached_conda_env(cache_dir, packages=PACKAGES, log=lambda line: say(f"    {line}"))
@@ -166,9 +166,9 @@ def archive_cache_dir(prefix: Path, archive_dir: Path) -> Path:
 
     import conda_pack
 
-    import kernelprov.pack
+    import kernelprov.engine.pack
 
-    code = hashlib.sha256(inspect.getsource(kernelprov.pack).encode()).hexdigest()[:8]
+    code = hashlib.sha256(inspect.getsource(kernelprov.engine.pack).encode()).hexdigest()[:8]
     # The env's build dir name is unique per build: a rebuilt env never reuses stale archives.
     return archive_dir / f"{prefix.parent.name}-cp{conda_pack.__version__}-pack{code}"
 
@@ -176,15 +176,15 @@ def archive_cache_dir(prefix: Path, archive_dir: Path) -> Path:
 def pack_archive(prefix: Path, path: Path, fmt: str, *, dest_prefix: str | None = None) -> float | None:
     """Pack ``prefix`` into ``path`` unless it is there already; return the seconds it took.
 
-    kernelprov's formats go through :func:`kernelprov.pack.pack_env` (which writes the manifest
+    kernelprov's formats go through :func:`kernelprov.engine.pack.pack_env` (which writes the manifest
     kernels verify against, and for squashfs bakes in the mount point under
     ``$KERNELPROV_IMAGE_ROOT``); a format it refuses is packed with conda-pack directly, so that
     the engine's reaction to it gets measured. ``dest_prefix`` packs the reference image.
     """
     import conda_pack
 
-    from kernelprov.pack import FORMATS as PACK_FORMATS
-    from kernelprov.pack import pack_env
+    from kernelprov.engine.pack import PACK_FORMATS
+    from kernelprov.engine.pack import pack_env
 
     if path.is_file():
         return None
@@ -258,7 +258,7 @@ def kernel_name(fmt: str) -> str:
 
 def install_kernel(name: str, archive: Path) -> str:
     """``kernelprov install NAME --archive A`` into the scratch Jupyter dir (the real CLI, in-process)."""
-    from kernelprov.app import main as kernelprov_main
+    from kernelprov.cli.app import main as kernelprov_main
 
     if kernelprov_main(["install", name, "--archive", str(archive), "--replace", "--display-name", name]) != 0:
         raise SystemExit(f"kernelprov install {name} --archive {archive} failed")
@@ -1038,7 +1038,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 async def main_async(args: argparse.Namespace) -> int:
     global CONCURRENT
     CONCURRENT = args.concurrent
-    from kernelprov.pack import DEFAULT_FORMAT
+    from kernelprov.engine.pack import DEFAULT_FORMAT
 
     started = time.perf_counter()
     say("Set-up")

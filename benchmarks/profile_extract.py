@@ -5,7 +5,7 @@
 
 For each archive, on the ``--target`` disk:
 
-1. times ``kernelprov.stage.ensure_staged`` into a fresh cache (the installed engine, unprofiled);
+1. times ``kernelprov.engine.stage.ensure_staged`` into a fresh cache (the installed engine, unprofiled);
 2. times kernelprov's read pipeline layer by layer without writing (hash; + decompress; + tar
    parse; + member validation), so the rest of ``ensure_staged`` is writing the tree;
 3. samples it with **py-spy** (``--idle``, so time blocked in system calls counts) and sorts every
@@ -41,14 +41,14 @@ GNU_TAR_FLAGS = {"tar.zst": ["-I", "zstd"], "tar.gz": ["-z"], "tar.bz2": ["-j"],
 _STACK_RULES = [
     ("relocation (relocate.py)", lambda frames: any(f[1].endswith("relocate.py") for f in frames)),
     ("tarfile.data_filter second opinion", lambda frames: any(f[0] in ("_second_opinion", "data_filter") for f in frames)),
-    ("finish: symlink check + dir chmod/utime", lambda frames: any(f[0] == "finish" and f[1].endswith("archive.py") for f in frames)),
+    ("finish: symlink check + dir chmod/utime", lambda frames: any(f[0] == "finish" and f[1].endswith("treewriter.py") for f in frames)),
     ("hashing (sha256)", lambda frames: any("sha256" in f[3] for f in frames[-1:])),
     ("read archive file", lambda frames: any("_raw.readinto" in f[3] for f in frames[-1:])),
     ("manifest / marker / lock / space check", lambda frames: any(
-        f[1].endswith(("manifest.py", "cache.py")) or f[0] in ("_ensure_space", "_check_unchanged") for f in frames)),
+        f[1].endswith(("manifest.py", "cache.py")) or f[0] in ("ensure_space", "check_unchanged") for f in frames)),
     ("cleanup / rmtree", lambda frames: any(f[1].endswith("shutil.py") for f in frames)),
 ]
-# (category, regex on the innermost frame's source line when it is in archive.py).
+# (category, regex on the innermost frame's source line when it is in the engine's extract.py, treewriter.py or streams.py).
 _LINE_RULES = [
     ("create file (open O_CREAT|O_EXCL)", r"os\.open\("),
     ("write file data", r"os\.write\("),
@@ -72,11 +72,11 @@ def classify(frames: list[tuple[str, str, int, str]]) -> str:
         if test(frames):
             return name
     function, filename, _line, source = frames[-1]
-    if filename.endswith("archive.py"):
+    if filename.endswith(("extract.py", "treewriter.py", "streams.py")):
         for name, pattern in _LINE_RULES:
             if re.search(pattern, source):
                 return name
-        return "extractor Python (archive.py)"
+        return "extractor Python (treewriter.py)"
     if any(part in filename for part in _DECOMPRESSORS):
         return "decompression"
     stream_frames = [f for f in frames if f[1].endswith("tarstream.py")]
@@ -128,9 +128,9 @@ def layered_costs(archive: Path, fmt: str, reps: int) -> dict[str, float] | None
     pipeline one layer at a time (hash; + decompress; + tar parse; + member validation), each
     without writing anything. Uses engine internals, so it is skipped when they change shape."""
     try:
-        from kernelprov import archive as engine
-        from kernelprov.tarstream import TarStream
-        engine._HashingReader, engine._decompressor, engine._tar_members  # noqa: B018 - probe the API
+        from kernelprov.engine import extract as engine
+        from kernelprov.engine.tarstream import TarStream
+        engine.HashingReader, engine.decompressor, engine._tar_members  # noqa: B018 - probe the API
     except (ImportError, AttributeError):
         return None
     if fmt not in ("tar.zst", "tar.gz", "tar.bz2", "tar.xz", "tar"):
@@ -138,7 +138,7 @@ def layered_costs(archive: Path, fmt: str, reps: int) -> dict[str, float] | None
     size = archive.stat().st_size
 
     def hashed(raw):
-        return engine._HashingReader(raw, size, None)
+        return engine.HashingReader(raw, size, None)
 
     def read_hash():
         with open(archive, "rb") as raw:
@@ -146,25 +146,25 @@ def layered_costs(archive: Path, fmt: str, reps: int) -> dict[str, float] | None
 
     def decompress():
         with open(archive, "rb") as raw:
-            stream = engine._decompressor(fmt, hashed(raw))
+            stream = engine.decompressor(fmt, hashed(raw))
             while stream.read(1 << 20):
                 pass
 
     def parse():
         with open(archive, "rb") as raw:
-            for _entry, chunks in TarStream(engine._decompressor(fmt, hashed(raw))).entries():
+            for _entry, chunks in TarStream(engine.decompressor(fmt, hashed(raw))).entries():
                 for _ in chunks:
                     pass
 
     def validate():
         with open(archive, "rb") as raw:
-            for _member, data in engine._tar_members(engine._decompressor(fmt, hashed(raw)), archive, "/nonexistent"):
+            for _member, data in engine._tar_members(engine.decompressor(fmt, hashed(raw)), archive, "/nonexistent"):
                 for _ in data or ():
                     pass
 
     layers = {}
     for name, action in (("read + sha256", read_hash), ("+ decompress", decompress), ("+ tar parse (tarstream)", parse),
-                         ("+ member validation (archive.py)", validate)):
+                         ("+ member validation (treewriter.py)", validate)):
         times = []
         for _ in range(reps):
             started = time.perf_counter()
@@ -176,7 +176,7 @@ def layered_costs(archive: Path, fmt: str, reps: int) -> dict[str, float] | None
 
 def child(archive: str, cache_root: str) -> None:
     """The profiled process: one cold ``ensure_staged``; prints its seconds as JSON."""
-    from kernelprov.stage import ensure_staged
+    from kernelprov.engine.stage import ensure_staged
 
     staged = ensure_staged(archive, cache_root=cache_root)
     assert staged.extracted
@@ -223,7 +223,7 @@ def timed(argv: list[str]) -> float:
 
 
 def profile_archive(archive: Path, target: Path, reps: int, rate: int) -> dict:
-    from kernelprov.archive import detect_format
+    from kernelprov.engine.formats import detect_format
 
     fmt = detect_format(archive)
     result: dict = {"archive": str(archive), "format": fmt, "target": str(target)}
@@ -293,7 +293,7 @@ def cprofile_counts(archive: Path, cache_root: Path) -> tuple[collections.Counte
     import cProfile
     import pstats
 
-    from kernelprov.stage import ensure_staged
+    from kernelprov.engine.stage import ensure_staged
 
     profiler = cProfile.Profile()
     started = time.perf_counter()

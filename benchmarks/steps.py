@@ -20,7 +20,7 @@ variants, round-robin over ``--reps`` repetitions, fresh directory each time, me
 7. squashfs image mode (copy + ``squashfuse_ll`` mount), when FUSE works here.
 
 Variants 2–5 switch the engine's own pieces off by replacing them in this process (benchmark
-only: ``archive._ReadAhead`` by a pass-through, ISA-L by zlib). Prints a table (seconds, × the
+only: ``kernelprov.engine.streams.ReadAhead`` by a pass-through, ISA-L by zlib). Prints a table (seconds, × the
 standard library's way, gain over the row before) and writes ``steps-<stamp>.json`` to ``--out``.
 """
 
@@ -47,12 +47,14 @@ sys.path.insert(0, str(HERE))
 
 import cold_start  # noqa: E402 - the env, archives and helpers of the main benchmark
 
-from kernelprov import archive as engine  # noqa: E402
-from kernelprov.stage import clean, ensure_staged  # noqa: E402
+from kernelprov.engine import extract as engine  # noqa: E402
+from kernelprov.engine.inventory import clean  # noqa: E402
+from kernelprov.engine.stage import ensure_staged  # noqa: E402
+from kernelprov.engine.streams import CHUNK  # noqa: E402
 
 
 class _Serial:
-    """Stands in for ``archive._ReadAhead``: the caller's thread decompresses, as before it."""
+    """Stands in for ``kernelprov.engine.streams.ReadAhead``: the caller's thread decompresses, as before it."""
 
     def __init__(self, stream, *args, **kwargs):
         self._stream = stream
@@ -70,22 +72,22 @@ class _Serial:
 @contextmanager
 def engine_variant(*, read_ahead: bool, isal: bool) -> Iterator[None]:
     """Switch the read-ahead thread and ISA-L off in this process for the duration."""
-    saved = engine._ReadAhead, engine._decompressor
-    original = engine._decompressor
+    saved = engine.ReadAhead, engine.decompressor
+    original = engine.decompressor
 
     def zlib_decompressor(fmt: str, raw):
         if fmt == "tar.gz":
-            return gzip.GzipFile(fileobj=io.BufferedReader(raw, engine._CHUNK), mode="rb")
+            return gzip.GzipFile(fileobj=io.BufferedReader(raw, CHUNK), mode="rb")
         return original(fmt, raw)
 
     if not read_ahead:
-        engine._ReadAhead = _Serial
+        engine.ReadAhead = _Serial
     if not isal:
-        engine._decompressor = zlib_decompressor
+        engine.decompressor = zlib_decompressor
     try:
         yield
     finally:
-        engine._ReadAhead, engine._decompressor = saved
+        engine.ReadAhead, engine.decompressor = saved
 
 
 def stdlib_way(archive: Path, dest: Path) -> None:
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = cold_start.archive_cache_dir(prefix, args.archive_dir)
     archives, _failed, _seconds = cold_start.pack_archives(prefix, out_dir, ["tar.gz", "tar.zst"])
     os.environ["KERNELPROV_IMAGE_ROOT"] = str(cold_start.image_root_for(target))
-    from kernelprov.image import fuse_available
+    from kernelprov.engine.image import fuse_available
 
     if fuse_available() and shutil.which("mksquashfs"):
         archives["squashfs"] = cold_start.pack_squashfs_for(prefix, out_dir, target)

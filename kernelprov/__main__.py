@@ -1,5 +1,5 @@
 """``python -m kernelprov``: the CLI, used by run.sh to stage an env without the provisioner."""
 
-from .app import run
+from .cli.app import run
 
 run()

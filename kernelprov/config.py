@@ -10,14 +10,13 @@ used, never at import time.
 from __future__ import annotations
 
 import os
-
 from pathlib import Path
 
 from traitlets import Float, Int, List, TraitError, Unicode, default, validate
 from traitlets.config import Config, LoggingConfigurable
 
-from .cache import CACHE_ROOT_VARIABLES, default_cache_root
-from .stage import DEFAULT_LOCK_TIMEOUT
+from .engine.cache import CACHE_ROOT_VARIABLES, default_cache_root
+from .engine.stage import DEFAULT_LOCK_TIMEOUT
 
 #: Jupyter config files read by the CLI too, so one site-wide file configures every entry point.
 SITE_CONFIG_FILES = ("jupyter_config", "jupyter_server_config")
@@ -102,7 +101,7 @@ class KernelprovConfig(LoggingConfigurable):
         return [p for p in os.environ.get("KERNELPROV_ALLOWED_ARCHIVE_ROOTS", "").split(os.pathsep) if p]
 
     def stage_options(self) -> dict:
-        """Keyword arguments for :func:`kernelprov.stage.ensure_staged` from these settings."""
+        """Keyword arguments for :func:`kernelprov.engine.stage.ensure_staged` from these settings."""
         return {"cache_root": self.cache_dir, "lock_timeout": self.lock_timeout, "max_bytes": self.cache_max_bytes,
                 "allowed_roots": self.allowed_archive_roots}
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import jupyter_core.paths  # noqa: F401 — pytest_jupyter's jp_environ patches it without importing it
 import pytest
 
-from kernelprov.app import main
-from kernelprov.demo_env import cached_conda_env
-from kernelprov.pack import pack_env
+from kernelprov.cli.app import main
+from kernelprov.cli.demo_env import cached_conda_env
+from kernelprov.engine.pack import pack_env
 
 from .tiny_env import build_tiny_env
 

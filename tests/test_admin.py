@@ -11,7 +11,7 @@ import pytest
 
 from kernelprov.config import KernelprovConfig, load_site_config
 from kernelprov.errors import ArchiveError
-from kernelprov.stage import ensure_staged
+from kernelprov.engine.stage import ensure_staged
 
 
 def test_site_config_file_reaches_the_cli(cli, jp_env_config_path, tiny_archives, tmp_path, monkeypatch):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kernelprov.kernelspecs import PROVISIONER_NAME
-from kernelprov.manifest import read_manifest
+from kernelprov.jupyter.kernelspecs import PROVISIONER_NAME
+from kernelprov.engine.manifest import read_manifest
 
 
 def _kernel_dir(jp_data_dir: Path, name: str) -> Path:

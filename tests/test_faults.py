@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from kernelprov import cache
+from kernelprov.engine import cache
 from kernelprov.errors import CacheError
-from kernelprov.manifest import read_manifest
-from kernelprov.stage import ensure_staged, find_staged
+from kernelprov.engine.manifest import read_manifest
+from kernelprov.engine.inventory import find_staged
+from kernelprov.engine.stage import ensure_staged
 
 
 @pytest.fixture
@@ -108,7 +109,7 @@ def test_a_full_disk_evicts_idle_envs_to_make_room(small_fs, tiny_archives, copy
 
 
 def test_kill_9_mid_extraction_leaves_nothing_trusted_and_the_next_start_recovers(runnable_archive, cache_root):
-    code = "import sys; from kernelprov.stage import ensure_staged; ensure_staged(sys.argv[1])"
+    code = "import sys; from kernelprov.engine.stage import ensure_staged; ensure_staged(sys.argv[1])"
     child = subprocess.Popen([sys.executable, "-c", code, str(runnable_archive)], env={**os.environ})
     try:
         deadline = time.monotonic() + 60

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from kernelprov.errors import ArchiveError, KernelprovError
-from kernelprov.stage import ensure_staged, find_staged
+from kernelprov.engine.inventory import find_staged
+from kernelprov.engine.stage import ensure_staged
 
 
 def _tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]], mode: str = "w:gz") -> Path:
@@ -177,7 +178,7 @@ def test_truncated_compressed_archives_are_refused_without_a_manifest(fmt, tiny_
 
 
 def test_a_bit_flip_is_caught_by_the_manifest(tiny_archives, copy_archive, cache_root):
-    from kernelprov.pack import describe_archive
+    from kernelprov.engine.pack import describe_archive
 
     archive = copy_archive(tiny_archives["tar"])
     describe_archive(archive)

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 
-from kernelprov import image
-from kernelprov.app import main
+from kernelprov.engine import image
+from kernelprov.cli.app import main
 from kernelprov.errors import CacheError
-from kernelprov.manifest import read_manifest
-from kernelprov.pack import pack_env
-from kernelprov.stage import clean, ensure_staged, find_staged
+from kernelprov.engine.manifest import read_manifest
+from kernelprov.engine.pack import pack_env
+from kernelprov.engine.inventory import clean, find_staged
+from kernelprov.engine.stage import ensure_staged
 
 from .kernel_client import evaluate
 

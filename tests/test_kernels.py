@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 
-from kernelprov import cache
-from kernelprov.app import main
-from kernelprov.pack import pack_env
-from kernelprov.provisioner import KernelprovProvisioner
+from kernelprov.engine import cache
+from kernelprov.cli.app import main
+from kernelprov.engine.pack import pack_env
+from kernelprov.jupyter.provisioner import KernelprovProvisioner
 
 from .kernel_client import evaluate
 

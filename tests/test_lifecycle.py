@@ -11,10 +11,11 @@ import time
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 
-from kernelprov import cache
-from kernelprov.app import main
+from kernelprov.engine import cache
+from kernelprov.cli.app import main
 from kernelprov.errors import CacheError
-from kernelprov.stage import clean, ensure_staged, evict, find_staged
+from kernelprov.engine.inventory import clean, evict, find_staged
+from kernelprov.engine.stage import ensure_staged
 
 from .kernel_client import evaluate
 
@@ -84,7 +85,8 @@ def test_a_lease_counts_while_its_process_lives_even_without_flock(tiny_archives
         (leases / str(alive.pid)).touch()  # opened, not (yet) locked
         assert cache.count_leases(staged.prefix) == 1
         alive.kill()
-    assert cache.count_leases(staged.prefix) == 0 and not list(leases.iterdir())
+    assert cache.count_leases(staged.prefix) == 0 and list(leases.iterdir())  # counting never deletes
+    assert cache.prune_leases(staged.prefix) == 0 and not list(leases.iterdir())
 
 
 async def test_a_running_kernel_holds_its_env(kernel_environ, runnable_archive, cache_root, capsys):

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(
 _STAGE = """
 import json, sys, logging
 logging.basicConfig(level=logging.WARNING)
-from kernelprov.stage import ensure_staged
+from kernelprov.engine.stage import ensure_staged
 from kernelprov.errors import KernelprovError
 try:
     print(json.dumps({"prefix": str(ensure_staged(sys.argv[1]).prefix)}))

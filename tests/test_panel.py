@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from kernelprov import cache
+from kernelprov.engine import cache
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

@@ -18,9 +18,9 @@ import pytest
 from jupyter_server.auth import Authorizer
 from pytest_jupyter.jupyter_server import *  # noqa: F403 — the server fixtures, for this module only
 
-from kernelprov import stage
-from kernelprov.app import main
-from kernelprov.kernelspecs import build_kernel_json
+from kernelprov.engine import inventory, stage
+from kernelprov.cli.app import main
+from kernelprov.jupyter.kernelspecs import build_kernel_json
 
 
 @pytest.fixture
@@ -173,8 +173,6 @@ def test_a_failed_stage_is_shown_with_its_message(api, install, tiny_archives):
 
 
 def test_evict_removes_the_staged_copy(api, install, tiny_archives):
-    if not hasattr(stage, "evict"):
-        pytest.skip("this engine has no stage.evict yet: DELETE answers 501")
     install("tiny", tiny_archives["tar.gz"])
     assert api("DELETE", "envs", "tiny", "stage")[0] == 404  # nothing staged yet
     api("POST", "envs", "tiny", "stage")
@@ -188,12 +186,10 @@ def test_evict_removes_the_staged_copy(api, install, tiny_archives):
 
 
 def test_evict_is_refused_while_kernels_use_the_env(api, install, tiny_archives, monkeypatch):
-    if not hasattr(stage, "evict"):
-        pytest.skip("this engine has no stage.evict yet: DELETE answers 501")
     install("tiny", tiny_archives["tar.gz"])
     api("POST", "envs", "tiny", "stage")
     prefix = Path(wait_for(api, "tiny", lambda env: env["staged"])["staged"]["prefix"])
-    real_find_staged = stage.find_staged
+    real_find_staged = inventory.find_staged
 
     def leased(archive, **options):
         entry = real_find_staged(archive, **options)
@@ -201,7 +197,7 @@ def test_evict_is_refused_while_kernels_use_the_env(api, install, tiny_archives,
             entry.in_use = 2
         return entry
 
-    monkeypatch.setattr(stage, "find_staged", leased)
+    monkeypatch.setattr(inventory, "find_staged", leased)
 
     status, body = api("DELETE", "envs", "tiny", "stage")
 

@@ -9,7 +9,7 @@ import json
 import pytest
 from pytest_jupyter.jupyter_server import *  # noqa: F403 — the server fixtures, for this module only
 
-from kernelprov.app import main
+from kernelprov.cli.app import main
 
 
 @pytest.fixture

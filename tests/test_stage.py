@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from kernelprov import cache
-from kernelprov.archive import detect_format
+from kernelprov.engine import cache
+from kernelprov.engine.formats import detect_format
 from kernelprov.errors import ArchiveError
-from kernelprov.manifest import read_manifest
-from kernelprov.pack import describe_archive
-from kernelprov.stage import clean, ensure_staged, find_staged
+from kernelprov.engine.manifest import read_manifest
+from kernelprov.engine.pack import describe_archive
+from kernelprov.engine.inventory import clean, find_staged
+from kernelprov.engine.stage import ensure_staged
 
 from .conftest import TAR_FORMATS
 from .tiny_env import OLD_MTIME
@@ -211,6 +212,6 @@ def test_clean_sweeps_what_a_killed_eviction_left(tiny_archives, cache_root):
 def test_an_archive_without_a_manifest_works_with_a_warning(tiny_archives, copy_archive, cache_root, caplog):
     archive = copy_archive(tiny_archives["tar.zst"])
     (archive.parent / f"{archive.name}.manifest.json").unlink(missing_ok=True)
-    with caplog.at_level("WARNING", logger="kernelprov.stage"):
+    with caplog.at_level("WARNING", logger="kernelprov.engine"):
         assert ensure_staged(archive).extracted
     assert f"{archive} has no manifest; extracting it without an integrity check" in caplog.text

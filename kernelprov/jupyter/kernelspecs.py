@@ -1,6 +1,7 @@
 """Kernelspecs in the HiPerGator ``template_kernel`` layout; list and remove the ones we made.
 
-Called by ``kernelprov install/list/remove`` and by the server routes. A kernelprov kernel dir is::
+Called by :func:`.install.install_kernel`, ``kernelprov list/remove/doctor`` and the panel's
+server extension. A kernelprov kernel dir is::
 
     <kernels dir>/<name>/
         kernel.json          argv = [<dir>/run.sh, -f, {connection_file}], kernel_provisioner config
@@ -31,7 +32,7 @@ from pathlib import Path
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_core.paths import jupyter_data_dir
 
-from .errors import KernelspecError
+from ..errors import KernelspecError
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,12 @@ def kernels_dir_for(*, user: bool = True, sys_prefix: bool = False, prefix: str 
 
 
 def build_kernel_json(kernel_dir: Path, *, display_name: str, archive: Path, env: dict[str, str] | None = None,
-                      provisioner_config: dict | None = None, archive_managed: bool = False) -> dict:
-    """The kernel dict: run.sh as argv[0] (never a bare ``python``), our provisioner in metadata."""
+                      provisioner_config: dict | None = None, archive_managed: bool = False,
+                      stager: str | None = None) -> dict:
+    """The kernel dict: run.sh as argv[0] (never a bare ``python``), our provisioner in metadata.
+
+    ``metadata.kernelprov.stager`` records the interpreter run.sh stages through (the one written
+    into run.sh), so ``kernelprov doctor`` reads it from here rather than parsing the script."""
     return {
         "argv": [str(kernel_dir / "run.sh"), "-f", "{connection_file}"],
         "display_name": display_name,
@@ -106,7 +111,7 @@ def build_kernel_json(kernel_dir: Path, *, display_name: str, archive: Path, env
                 "provisioner_name": PROVISIONER_NAME,
                 "config": {"archive": str(archive), **(provisioner_config or {})},
             },
-            "kernelprov": {"version": SPEC_VERSION, "archive_managed": archive_managed},
+            "kernelprov": {"version": SPEC_VERSION, "archive_managed": archive_managed, "stager": stager or sys.executable},
         },
     }
 
@@ -143,11 +148,12 @@ def write_kernel_files(tmp_dir: Path, name: str, *, display_name: str, archive: 
                        provisioner_config: dict | None = None, archive_managed: bool = False) -> None:
     """Write kernel.json, run.sh and the logos into ``tmp_dir`` for the final dir ``kernels_dir/name``."""
     final_dir = tmp_dir.parent / name
+    stager = sys.executable
     spec = build_kernel_json(final_dir, display_name=display_name, archive=archive, env=env,
-                             provisioner_config=provisioner_config, archive_managed=archive_managed)
+                             provisioner_config=provisioner_config, archive_managed=archive_managed, stager=stager)
     (tmp_dir / "kernel.json").write_text(json.dumps(spec, indent=2) + "\n")
     run_sh = tmp_dir / "run.sh"
-    run_sh.write_text(render_run_sh(name, archive))
+    run_sh.write_text(render_run_sh(name, archive, stager))
     run_sh.chmod(0o755)
     for logo in LOGOS:
         (tmp_dir / logo).write_bytes(resources.files("kernelprov.resources").joinpath(logo).read_bytes())
@@ -179,6 +185,9 @@ class KernelprovKernel:
     archive: Path | None
     archive_managed: bool
     provisioner_config: dict
+    #: The interpreter run.sh stages through, as kernel.json records it (None: written before 0.1.0
+    #: recorded it; ``kernelprov doctor`` then reads run.sh)
+    stager: str | None = None
 
 
 def _kernel_spec_manager(extra_dirs: list[str] | None = None) -> KernelSpecManager:
@@ -202,14 +211,16 @@ def find_kernels(extra_dirs: list[str] | None = None) -> list[KernelprovKernel]:
         if provisioner.get("provisioner_name") != PROVISIONER_NAME:
             continue
         config = provisioner.get("config") or {}
+        ours = metadata.get("kernelprov") or {}
         found.append(KernelprovKernel(
             name=name,
             display_name=spec.get("display_name", name),
             language=spec.get("language", "python"),
             resource_dir=Path(entry["resource_dir"]),
             archive=Path(config["archive"]) if config.get("archive") else None,
-            archive_managed=bool((metadata.get("kernelprov") or {}).get("archive_managed")),
+            archive_managed=bool(ours.get("archive_managed")),
             provisioner_config=config,
+            stager=ours.get("stager") if isinstance(ours.get("stager"), str) else None,
         ))
     return found
 

@@ -1,11 +1,10 @@
-"""The jupyter_server extension behind the JupyterLab panel: what it knows and does, without Tornado.
+"""What the JupyterLab panel knows and does, as plain Python (no Tornado).
 
-jupyter_server loads it at start-up (``jupyter-config/jupyter_server_config.d/kernelprov.json``,
-installed with the package, enables it) through :func:`_load_jupyter_server_extension`, which
-makes one :class:`KernelprovEnvironments` and hands it to the REST handlers in
-:mod:`kernelprov.routes`. Everything here is plain Python over the engine (``kernelspecs``,
-``manifest``, ``stage``): it describes each kernelprov kernel without decompressing anything, and
-runs pre-warm stages in background threads whose progress the handlers report.
+One :class:`KernelprovEnvironments` is made per server by the extension loader
+(:mod:`kernelprov.jupyter.serverext`) and handed to the REST handlers in
+:mod:`kernelprov.jupyter.routes`. It works over the engine (``manifest``, ``inventory``,
+``stage``) and the kernelspecs: it describes each kernelprov kernel without decompressing
+anything, and runs pre-warm stages in background threads whose progress the handlers report.
 """
 
 from __future__ import annotations
@@ -20,12 +19,13 @@ from typing import Any
 from traitlets import List, Set, TraitError, Unicode
 from traitlets.config import LoggingConfigurable
 
-from . import stage
-from .config import KernelprovConfig
-from .errors import ArchiveError, CacheError, KernelprovError
+from ..config import KernelprovConfig
+from ..engine import inventory
+from ..engine.formats import detect_format
+from ..engine.manifest import read_manifest
+from ..engine.stage import ensure_staged
+from ..errors import ArchiveError, CacheError, KernelprovError
 from .kernelspecs import KernelprovKernel, find_kernels
-from .manifest import read_manifest
-from .pack import format_from_name
 
 #: Keys a kernel's ``kernel_provisioner.config`` may hold (the provisioner's own settings).
 _PROVISIONER_KEYS = ("archive",)
@@ -44,7 +44,7 @@ class PrewarmJob:
     finished: bool = False
 
     def report(self, done: int, total: int) -> None:
-        """Progress callback for :func:`kernelprov.stage.ensure_staged` (compressed bytes read)."""
+        """Progress callback for :func:`kernelprov.engine.stage.ensure_staged` (compressed bytes read)."""
         self.done, self.total = done, total
 
     def as_dict(self) -> dict[str, Any]:
@@ -61,7 +61,7 @@ class PrewarmJob:
 class KernelprovEnvironments(KernelprovConfig):
     """Every kernelprov kernel this server can start, described for the panel, plus pre-warm jobs.
 
-    Made once per server by :func:`_load_jupyter_server_extension` with the server app as parent,
+    Made once per server by :func:`kernelprov.jupyter.serverext._load_jupyter_server_extension` with the server app as parent,
     so ``c.KernelprovConfig.cache_dir`` (and the other :class:`KernelprovConfig` settings) in
     ``jupyter_server_config`` apply. A kernel's own ``kernel_provisioner.config`` overrides them for
     that kernel, exactly as it does for the provisioner. Every method may block on the filesystem
@@ -122,7 +122,6 @@ class KernelprovEnvironments(KernelprovConfig):
         if archive is None:
             problems.append("Its kernel.json names no archive; reinstall it with `kernelprov install`.")
             return info
-        info["format"] = format_from_name(archive)
         try:
             info["archive_size"] = os.stat(archive).st_size
         except FileNotFoundError:
@@ -141,10 +140,15 @@ class KernelprovEnvironments(KernelprovConfig):
             info.update(format=manifest.format, python_version=manifest.python_version, packages=manifest.packages)
             if info["archive_size"] is None:
                 info["archive_size"] = manifest.size
+        elif info["archive_size"] is not None:
+            try:  # no manifest: the archive's first bytes, never its file name, say what it is
+                info["format"] = detect_format(archive)
+            except ArchiveError as err:
+                problems.append(str(err))
         if settings is None:
             return info
         try:
-            entry = stage.find_staged(archive, cache_root=settings.cache_dir)
+            entry = inventory.find_staged(archive, cache_root=settings.cache_dir)
         except KernelprovError as err:
             problems.append(str(err))
             entry = None
@@ -160,7 +164,7 @@ class KernelprovEnvironments(KernelprovConfig):
         if job is not None and (entry is None or job.error):
             info["staging"] = job.as_dict()
         elif entry is None:
-            started = stage.staging_in_progress(archive, cache_root=settings.cache_dir)
+            started = inventory.staging_in_progress(archive, cache_root=settings.cache_dir)
             if started is not None:  # a kernel start or a job prologue is unpacking it
                 info["staging"] = {"done": 0, "total": 0, "fraction": None, "started_at": started, "error": None}
         return info
@@ -192,7 +196,7 @@ class KernelprovEnvironments(KernelprovConfig):
 
     def _stage(self, job: PrewarmJob, settings: KernelprovConfig, key: tuple[str, str]) -> None:
         try:
-            staged = stage.ensure_staged(job.archive, progress=job.report, **settings.stage_options())
+            staged = ensure_staged(job.archive, progress=job.report, **settings.stage_options())
         except KernelprovError as err:
             self.log.warning("kernelprov: pre-warm of %s failed: %s", job.archive, err)
             job.error = str(err)
@@ -210,22 +214,19 @@ class KernelprovEnvironments(KernelprovConfig):
     def evict(self, kernel: KernelprovKernel) -> Any:
         """Called by ``DELETE /kernelprov/envs/<name>/stage``: remove the staged copy on this node.
 
-        Returns the evicted :class:`~kernelprov.cache.CacheEntry`, or None when nothing is staged.
+        Returns the evicted :class:`~kernelprov.engine.cache.CacheEntry`, or None when nothing is staged.
         Raises :class:`~kernelprov.errors.CacheError` while kernels use it or it is being staged.
         """
         problems: list[str] = []
         settings = self._settings_for(kernel, problems)
         if kernel.archive is None or settings is None:
             return None
-        if stage.find_staged(kernel.archive, cache_root=settings.cache_dir) is None:
+        if inventory.find_staged(kernel.archive, cache_root=settings.cache_dir) is None:
             return None
         job = self._job(kernel.archive, settings.cache_dir)
         if job is not None and not job.finished:
             raise CacheError(f"{kernel.name} is being staged right now; evict it once that has finished.")
-        evict = getattr(stage, "evict", None)
-        if evict is None:
-            raise NotImplementedError("This kernelprov engine cannot evict a single environment yet; use `kernelprov cache clean`.")
-        return evict(kernel.archive, cache_root=settings.cache_dir)
+        return inventory.evict(kernel.archive, cache_root=settings.cache_dir)
 
     def _job(self, archive: Path, cache_dir: str) -> PrewarmJob | None:
         with self._jobs_lock:
@@ -246,16 +247,3 @@ class KernelprovEnvironments(KernelprovConfig):
         except TraitError as err:
             problems.append(f"Its kernel_provisioner config is invalid: {err}")
             return None
-
-
-def _load_jupyter_server_extension(serverapp: LoggingConfigurable) -> None:
-    """Called by jupyter_server once at start-up: register the panel's REST API."""
-    from .routes import setup_handlers
-
-    ksm = serverapp.kernel_spec_manager
-    kernel_dirs = [str(d) for d in getattr(ksm, "kernel_dirs", None) or []]
-    allowed = set(getattr(ksm, "allowed_kernelspecs", None) or ())
-    environments = KernelprovEnvironments(parent=serverapp, kernel_dirs=kernel_dirs, allowed_kernelspecs=allowed)
-    setup_handlers(serverapp.web_app, environments)
-    serverapp.log.info("kernelprov: environments panel API at %skernelprov/envs (cache %s)",
-                       serverapp.web_app.settings.get("base_url", "/"), environments.cache_dir)

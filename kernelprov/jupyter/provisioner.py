@@ -17,9 +17,9 @@ from typing import Any
 from jupyter_client.provisioning import LocalProvisioner
 from traitlets import Instance, Unicode
 
-from .config import KernelprovConfig
-from .errors import KernelprovError
-from .stage import StagedEnv, ensure_staged
+from ..config import KernelprovConfig
+from ..engine.stage import StagedEnv, ensure_staged
+from ..errors import KernelprovError
 
 try:  # jupyter_server shows an HTTPError's message in JupyterLab; any other exception as "Unhandled error"
     from tornado.web import HTTPError as _ServerError

@@ -18,6 +18,7 @@ original env's path.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -34,7 +35,8 @@ from typing import Mapping, Sequence
 
 from filelock import FileLock, Timeout
 
-from .errors import CacheError
+from ..errors import CacheError
+from .formats import strip_suffix
 from .image import clear_mount_point
 
 log = logging.getLogger(__name__)
@@ -151,11 +153,7 @@ class CacheEntry:
     @property
     def name(self) -> str:
         """A readable name: the archive's file name without its archive suffixes."""
-        base = os.path.basename(self.archive)
-        for suffix in (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.zst", ".tar.xz", ".tar", ".zip"):
-            if base.endswith(suffix):
-                return base[: -len(suffix)]
-        return base
+        return strip_suffix(os.path.basename(self.archive))
 
 
 def marker_path(user_dir: Path, key: str) -> Path:
@@ -231,18 +229,38 @@ def lease_dir(prefix: Path) -> Path:
 
 
 def count_leases(prefix: Path) -> int:
-    """How many kernels hold a lease on the env at ``prefix``; stale lease files are removed.
+    """How many kernels hold a lease on the env at ``prefix``. Reads only: stale lease files are
+    not counted, and left for :func:`prune_leases`.
 
     run.sh writes one lease file per kernel, named by its PID (which ``exec`` hands to the
     kernel), and holds an exclusive ``flock`` on it that the kernel inherits. A lease counts while
     its lock is held or its process is alive (between run.sh opening and locking it, or on a node
     without ``flock``); once the process is gone it is stale at once.
     """
+    return sum(held for _path, held in _leases(prefix))
+
+
+def prune_leases(prefix: Path) -> int:
+    """Remove the stale lease files of the env at ``prefix``; return how many leases are held.
+
+    Called by ``kernelprov cache clean`` (the cache's writers), never by listings.
+    """
     held = 0
+    for path, is_held in _leases(prefix):
+        if is_held:
+            held += 1
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    return held
+
+
+def _leases(prefix: Path):
+    """Yield (lease file, held?) for every lease file of ``prefix``; a probe lock is released at once."""
     try:
         names = os.listdir(lease_dir(prefix))
     except FileNotFoundError:
-        return 0
+        return
     for name in names:
         path = lease_dir(prefix) / name
         try:
@@ -254,16 +272,12 @@ def count_leases(prefix: Path) -> int:
         except OSError as err:
             if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
                 raise
-            held += 1
+            yield path, True
             continue
         else:
-            if _lease_holder_alive(name, os.fstat(fd).st_mtime):
-                held += 1
-            else:
-                os.unlink(path)
+            yield path, _lease_holder_alive(name, os.fstat(fd).st_mtime)
         finally:
             os.close(fd)
-    return held
 
 
 def _lease_holder_alive(name: str, mtime: float) -> bool:

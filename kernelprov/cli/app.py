@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from . import __version__
-from .errors import KernelprovError, KernelspecError
+from .. import __version__
+from ..engine.formats import FORMAT_NAMES
+from ..errors import KernelprovError, KernelspecError
 
 log = logging.getLogger("kernelprov")
 
@@ -41,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--archive", metavar="FILE", help="an existing conda-pack archive to use as is")
     install.add_argument("-o", "--output", metavar="FILE",
                          help="where to write the packed archive (default: inside the kernel dir)")
-    install.add_argument("--format", choices=("tar.zst", "tar.gz", "tar.bz2", "tar", "zip", "squashfs"),
+    install.add_argument("--format", choices=FORMAT_NAMES,
                          help="archive format when packing (default: tar.zst)")
     where = install.add_mutually_exclusive_group()
     where.add_argument("--user", action="store_true", help="install for this user (the default)")
@@ -57,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     pack.add_argument("name", nargs="?", help="conda env name")
     pack.add_argument("--env-prefix", metavar="PATH", help="the conda env to pack, by path")
     pack.add_argument("-o", "--output", metavar="FILE", required=True, help="archive to write")
-    pack.add_argument("--format", choices=("tar.zst", "tar.gz", "tar.bz2", "tar", "zip", "squashfs"))
+    pack.add_argument("--format", choices=FORMAT_NAMES, help="archive format (default: from the -o name, else tar.zst)")
     pack.add_argument("--force", action="store_true", help="overwrite an existing archive")
 
     listing = sub.add_parser("list", help="list kernelprov kernels and whether each is staged here")
@@ -105,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _settings(args):
-    from .config import KernelprovConfig, load_site_config
+    from ..config import KernelprovConfig, load_site_config
 
     settings = KernelprovConfig(config=load_site_config())
     if args.cache_dir:
@@ -128,7 +129,7 @@ def _progress(description: str, enabled: bool) -> Iterator:
 
 
 def _stage(args, archive: str, quiet: bool = False):
-    from .stage import ensure_staged
+    from ..engine.stage import ensure_staged
 
     settings = _settings(args)
     with _progress(f"Unpacking {Path(archive).name}", not quiet) as progress:
@@ -136,40 +137,20 @@ def _stage(args, archive: str, quiet: bool = False):
 
 
 def _cmd_install(args) -> int:
-    from . import kernelspecs
-    from .pack import default_archive_name, describe_archive, pack_env
+    from ..jupyter import kernelspecs
+    from ..jupyter.install import install_kernel
 
-    name = kernelspecs.validate_name(args.name)
-    env = _parse_env(args.env)
     kernels_dir = kernelspecs.kernels_dir_for(sys_prefix=args.sys_prefix, prefix=args.prefix, kernels_dir=args.kernels_dir)
-    tmp_dir = kernelspecs.prepare_kernel_dir(name, kernels_dir, replace=args.replace)
-    try:
-        if args.archive:
-            archive = Path(args.archive).expanduser().absolute()
-            if not archive.is_file():
-                raise KernelspecError(f"The archive {archive} does not exist.")
-            describe_archive(archive)
-            managed = False
-        else:
-            fmt = args.format or "tar.zst"
-            managed = not args.output
-            target = Path(args.output).expanduser().absolute() if args.output else tmp_dir / default_archive_name(name, fmt)
-            final = target if args.output else kernels_dir / name / target.name
-            print(f"Packing {args.env_prefix or name} into {final} ...", file=sys.stderr)
-            pack_env(target, name=None if args.env_prefix else name, prefix=args.env_prefix, fmt=fmt,
-                     force=bool(args.output) and args.replace, verbose=sys.stderr.isatty())
-            archive = final
-        kernelspecs.write_kernel_files(tmp_dir, name, display_name=args.display_name or f"Python ({name})",
-                                       archive=archive, env=env, archive_managed=managed)
-        destination = kernelspecs.place_kernel_dir(tmp_dir, name)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    print(f"Installed kernel {name!r} in {destination} (archive: {archive})")
+    installed = install_kernel(
+        args.name, kernels_dir, env_prefix=args.env_prefix, archive=args.archive, output=args.output, fmt=args.format,
+        display_name=args.display_name, env=_parse_env(args.env), replace=args.replace, verbose=sys.stderr.isatty(),
+        on_pack=lambda source, destination: print(f"Packing {source} into {destination} ...", file=sys.stderr),
+    )
+    print(f"Installed kernel {installed.name!r} in {installed.resource_dir} (archive: {installed.archive})")
     if args.kernels_dir or args.prefix or args.sys_prefix:
-        from .doctor import shared_access_findings, stager_python
+        from .doctor import shared_access_findings
 
-        for finding in shared_access_findings(stager_python(destination / "run.sh"), archive):
+        for finding in shared_access_findings(sys.executable, installed.archive):
             if not finding.ok:
                 print(f"kernelprov: warning: {finding.what}: {finding.fix}", file=sys.stderr)
     return 0
@@ -186,7 +167,7 @@ def _parse_env(pairs: list[str]) -> dict[str, str]:
 
 
 def _cmd_pack(args) -> int:
-    from .pack import pack_env
+    from ..engine.pack import pack_env
 
     manifest = pack_env(Path(args.output), name=args.name, prefix=args.env_prefix, fmt=args.format,
                         force=args.force, verbose=sys.stderr.isatty())
@@ -196,8 +177,8 @@ def _cmd_pack(args) -> int:
 
 
 def _cmd_list(args) -> int:
-    from .kernelspecs import find_kernels
-    from .stage import find_staged
+    from ..engine.inventory import find_staged
+    from ..jupyter.kernelspecs import find_kernels
 
     settings = _settings(args)
     rows = []
@@ -236,7 +217,7 @@ def _print_table(headers: Sequence[str], rows: list[Sequence[str]]) -> None:
 
 
 def _cmd_remove(args) -> int:
-    from .kernelspecs import remove_kernel
+    from ..jupyter.kernelspecs import remove_kernel
 
     kernel = remove_kernel(args.name, args.kernels_dir)
     print(f"Removed kernel {kernel.name!r} from {kernel.resource_dir}")
@@ -253,7 +234,7 @@ def _cmd_unpack(args) -> int:
 
 
 def _cmd_cache(args) -> int:
-    from .stage import clean, staged_entries, user_dirs
+    from ..engine.inventory import clean, staged_entries, user_dirs
 
     settings = _settings(args)
     if args.cache_command == "clean":
@@ -281,8 +262,8 @@ def _cmd_cache(args) -> int:
 
 
 def _cmd_doctor(args) -> int:
+    from ..jupyter.kernelspecs import find_kernels, get_kernel
     from .doctor import check_kernel, check_node
-    from .kernelspecs import find_kernels, get_kernel
 
     settings = _settings(args)
     kernels = [get_kernel(args.name, args.kernels_dir)] if args.name else find_kernels(args.kernels_dir)

@@ -12,13 +12,15 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import cache, stage
-from .archive import detect_format
-from .errors import KernelprovError
-from .kernelspecs import PROVISIONER_NAME, KernelprovKernel, system_tool
-from .manifest import read_manifest
-from .stage import user_dirs
+from ..engine import cache
+from ..engine.archive import check_allowed
+from ..engine.formats import detect_format
+from ..engine.inventory import find_staged, user_dirs
+from ..engine.manifest import read_manifest
+from ..errors import KernelprovError
+from ..jupyter.kernelspecs import PROVISIONER_NAME, KernelprovKernel, system_tool
 
+# Kernels installed before kernel.json recorded the stager: read it from their run.sh.
 _STAGER = re.compile(r'KERNELPROV_ENV="\$\((.+?) -m kernelprov unpack')
 
 
@@ -37,12 +39,19 @@ def check_kernel(kernel: KernelprovKernel, settings, *, verify_hash: bool = True
     findings += _check_archive(kernel, settings, verify_hash)
     findings.append(_check_visible_under_jupyterhub(kernel))
     if not _in_user_data_dir(kernel.resource_dir):
-        findings += shared_access_findings(stager_python(kernel.resource_dir / "run.sh"), kernel.archive)
+        findings += shared_access_findings(stager_python(kernel), kernel.archive)
     return findings
 
 
-def stager_python(run_sh: Path) -> str | None:
-    """The interpreter run.sh stages through when no provisioner started it."""
+def stager_python(kernel: KernelprovKernel) -> str | None:
+    """The interpreter run.sh stages through when no provisioner started it.
+
+    Read from ``kernel.json`` (``metadata.kernelprov.stager``), where ``kernelprov install``
+    records it; kernels installed before it did so are read from their run.sh.
+    """
+    if kernel.stager:
+        return kernel.stager
+    run_sh = kernel.resource_dir / "run.sh"
     try:
         match = _STAGER.search(run_sh.read_text())
     except OSError:
@@ -106,7 +115,7 @@ def _check_run_sh(kernel: KernelprovKernel) -> Finding:
     run_sh = kernel.resource_dir / "run.sh"
     if not os.access(run_sh, os.X_OK):
         return Finding(False, f"{run_sh} is not executable", f"chmod a+rx {run_sh}, or reinstall with --replace")
-    stager = stager_python(run_sh)
+    stager = stager_python(kernel)
     if stager:
         if not os.access(stager, os.X_OK):
             return Finding(False, f"run.sh stages through {stager}, which you cannot execute",
@@ -133,14 +142,14 @@ def _check_archive(kernel: KernelprovKernel, settings, verify_hash: bool) -> lis
         findings.append(Finding(False, f"archive is {archive.stat().st_size} bytes, its manifest says {manifest.size}",
                                 "it is incomplete or was replaced: re-create it with `kernelprov pack`"))
     elif verify_hash:
-        from .archive import scan
+        from ..engine.extract import scan
 
         ok = scan(archive).sha256 == manifest.sha256
         findings.append(Finding(ok, "archive matches its manifest's sha256" if ok else "archive does not match its manifest's sha256",
                                 "" if ok else "it is corrupt or was replaced: re-create it with `kernelprov pack`"))
     if settings.allowed_archive_roots:
         try:
-            stage.check_allowed(archive, settings.allowed_archive_roots)
+            check_allowed(archive, settings.allowed_archive_roots)
             findings.append(Finding(True, "archive is inside the site's allowed archive roots"))
         except KernelprovError as err:
             findings.append(Finding(False, "archive is outside the site's allowed archive roots", str(err)))
@@ -150,7 +159,7 @@ def _check_archive(kernel: KernelprovKernel, settings, verify_hash: bool) -> lis
         ok = free >= manifest.unpacked_bytes
         findings.append(Finding(ok, f"the cache has room for it ({manifest.unpacked_bytes / 1e6:.0f} MB needed, {free / 1e6:.0f} MB free)",
                                 "" if ok else "free space (`kernelprov cache clean`) or set KERNELPROV_CACHE_DIR"))
-    staged = stage.find_staged(archive, cache_root=settings.cache_dir)
+    staged = find_staged(archive, cache_root=settings.cache_dir)
     findings.append(Finding(True, f"staged on this node at {staged.prefix}" if staged else "not staged on this node yet"))
     return findings
 

@@ -16,8 +16,8 @@ import os
 import re
 from pathlib import Path
 
-from .archive import normalise_member_name
-from .errors import RelocateError
+from .treewriter import normalise_member_name
+from ..errors import RelocateError
 
 log = logging.getLogger(__name__)
 

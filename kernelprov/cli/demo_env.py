@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from kernelprov.errors import EnvBuildError
+from ..errors import EnvBuildError
 
 logger = logging.getLogger(__name__)
 

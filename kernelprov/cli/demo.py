@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .cache import default_cache_root
+from ..engine.cache import default_cache_root
 
 DEMO_KERNEL = "kernelprov-demo"
 _CELL = "import sys, socket, ipykernel\nprint(f'{socket.gethostname()}: {sys.executable} (ipykernel {ipykernel.__version__})')"
@@ -56,8 +56,13 @@ async def _start_and_run(kernel_name: str) -> tuple[float, str, object]:
 
 
 def run_demo(cache_dir: str | None = None) -> int:
-    """Run the demo end to end; return the exit status. ``cache_dir`` overrides the cache root."""
-    from .app import main as kernelprov_main
+    """Run the demo end to end; return the exit status. ``cache_dir`` overrides the cache root.
+
+    Called by ``kernelprov demo``; a :class:`~kernelprov.errors.KernelprovError` from packing or
+    installing propagates to the CLI, which prints it as one line."""
+    from ..engine.pack import pack_env
+    from ..jupyter.install import install_kernel
+    from ..jupyter.kernelspecs import kernels_dir_for
     from .demo_env import cached_conda_env
 
     home = _demo_home()
@@ -77,13 +82,11 @@ def run_demo(cache_dir: str | None = None) -> int:
         archive = scratch / "demo.tar.zst"
         _say(f"[2/5] Packing it with conda-pack into {archive} ...")
         t = time.perf_counter()
-        if kernelprov_main(["pack", "--env-prefix", str(prefix), "-o", str(archive)]) != 0:
-            return 1
+        pack_env(archive, prefix=prefix)
         _say(f"      packed in {time.perf_counter() - t:.1f} s")
 
         _say(f"[3/5] Installing it as kernel {DEMO_KERNEL!r} in a scratch Jupyter dir ({scratch / 'data'}) ...")
-        if kernelprov_main(["install", DEMO_KERNEL, "--archive", str(archive), "--display-name", "Python (kernelprov demo)"]) != 0:
-            return 1
+        install_kernel(DEMO_KERNEL, kernels_dir_for(), archive=archive, display_name="Python (kernelprov demo)")
 
         _say(f"[4/5] Cold start through the provisioner (unpacks into {node_cache}) ...")
         cold, output, staged = asyncio.run(_start_and_run(DEMO_KERNEL))

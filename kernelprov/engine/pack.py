@@ -15,30 +15,16 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..errors import PackError
 from .cache import user_cache_dir
-from .errors import PackError
+from .formats import DEFAULT_FORMAT, FORMAT_NAMES, format_from_name, strip_suffix
 from .image import default_mount_point, image_root
 from .manifest import Manifest, manifest_for, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FORMAT = "tar.zst"
-FORMATS = ("tar.zst", "tar.gz", "tar.bz2", "tar", "zip", "squashfs")
-_SUFFIXES = {"tar.zst": ".tar.zst", "tar.gz": ".tar.gz", "tar.bz2": ".tar.bz2", "tar": ".tar", "zip": ".zip",
-             "squashfs": ".squashfs"}
-_NAME_SUFFIXES = tuple((suffix, fmt) for fmt, suffix in _SUFFIXES.items()) + ((".tgz", "tar.gz"), (".tbz2", "tar.bz2"))
-
-
-def format_from_name(output: Path) -> str | None:
-    """The format an output file name asks for (``env.tgz`` → ``tar.gz``), or None."""
-    for suffix, fmt in _NAME_SUFFIXES:
-        if output.name.endswith(suffix):
-            return fmt
-    return None
-
-
-def default_archive_name(env_name: str, fmt: str = DEFAULT_FORMAT) -> str:
-    return f"{env_name}{_SUFFIXES[fmt]}"
+#: What ``kernelprov pack`` writes: every format of the table, all of which conda-pack can write.
+PACK_FORMATS = FORMAT_NAMES
 
 
 def pack_env(
@@ -62,8 +48,8 @@ def pack_env(
         raise PackError("Give either a conda environment name or --env-prefix PATH, not both or neither.")
     output = Path(output).expanduser().absolute()
     fmt = fmt or format_from_name(output) or DEFAULT_FORMAT
-    if fmt not in FORMATS:
-        raise PackError(f"Unsupported archive format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    if fmt not in PACK_FORMATS:
+        raise PackError(f"Unsupported archive format {fmt!r}; choose one of {', '.join(PACK_FORMATS)}.")
     if output.exists() and not force:
         raise PackError(f"{output} already exists; pass --force to overwrite it.")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +61,7 @@ def pack_env(
     dest_prefix = None
     if fmt == "squashfs":
         # Read-only images are relocated at pack time, to the mount point of the packing user.
-        dest_prefix = str(default_mount_point(_env_name(output), user_cache_dir(image_root())))
+        dest_prefix = str(default_mount_point(strip_suffix(output.name), user_cache_dir(image_root())))
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
     os.close(fd)
     try:
@@ -114,14 +100,6 @@ def describe_archive(archive: Path) -> Manifest:
     else:
         log.warning("cannot write a manifest beside %s; kernels will start without an integrity check", archive)
     return manifest
-
-
-def _env_name(output: Path) -> str:
-    """``myenv.tar.zst`` → ``myenv``."""
-    for suffix, _fmt in _NAME_SUFFIXES:
-        if output.name.endswith(suffix):
-            return output.name[: -len(suffix)]
-    return output.stem
 
 
 def _python_version(prefix: Path) -> str | None:

@@ -19,8 +19,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .archive import ProgressCallback
-from .errors import ArchiveError, CacheError
+from .streams import ProgressCallback
+from ..errors import ArchiveError, CacheError
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .archive import scan
-from .errors import ArchiveError
+from .extract import scan
+from ..errors import ArchiveError
 
 log = logging.getLogger(__name__)
 

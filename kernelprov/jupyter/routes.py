@@ -1,8 +1,8 @@
 """The REST API of the JupyterLab panel: ``/kernelprov/envs`` and ``/kernelprov/envs/<name>/stage``.
 
-Registered by :func:`kernelprov.serverext._load_jupyter_server_extension`. The handlers are thin:
+Registered by :func:`kernelprov.jupyter.serverext._load_jupyter_server_extension`. The handlers are thin:
 they authenticate and authorize every request, accept kernel names only (never paths), run the
-blocking work of :class:`~kernelprov.serverext.KernelprovEnvironments` in a pool of their own (not
+blocking work of :class:`~kernelprov.jupyter.environments.KernelprovEnvironments` in a pool of their own (not
 the server's default executor, which a slow shared filesystem would otherwise fill), and turn
 its :class:`~kernelprov.errors.KernelprovError` into an HTTP status in one place,
 :meth:`KernelprovHandler.write_error`. Writes are XSRF-checked by jupyter_server's ``APIHandler``.
@@ -22,18 +22,16 @@ import functools
 import json
 from concurrent.futures import ThreadPoolExecutor
 from http.client import responses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.utils import url_path_join
 from tornado import web
 
-from .errors import ArchiveError, CacheError, KernelprovError, KernelspecError
+from ..errors import ArchiveError, CacheError, KernelprovError, KernelspecError
+from .environments import KernelprovEnvironments
 from .kernelspecs import KernelprovKernel, validate_name
-
-if TYPE_CHECKING:
-    from .serverext import KernelprovEnvironments
 
 #: Threads for the handlers' blocking work: reading kernel dirs and manifests on shared storage.
 _PANEL_THREADS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kernelprov-panel")
@@ -53,7 +51,6 @@ ERROR_STATUS: tuple[tuple[type[Exception], int], ...] = (
     (KernelspecError, 400),  # a bad kernel name
     (ArchiveError, 409),  # the archive is missing, unreadable or corrupt: fix it, then retry
     (CacheError, 409),  # in use, being staged, or the local disk cannot take it
-    (NotImplementedError, 501),  # the engine lacks an operation
 )
 
 
@@ -72,7 +69,7 @@ class KernelprovHandler(APIHandler):
 
     @property
     def environments(self) -> KernelprovEnvironments:
-        """The server's one :class:`~kernelprov.serverext.KernelprovEnvironments`."""
+        """The server's one :class:`~kernelprov.jupyter.environments.KernelprovEnvironments`."""
         return self.settings[SETTINGS_KEY]
 
     async def kernel(self, name: str) -> KernelprovKernel:

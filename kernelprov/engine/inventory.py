@@ -1,0 +1,115 @@
+"""What this user has staged on this node: find, list, evict, clean.
+
+Called by ``kernelprov list`` / ``cache list`` / ``cache clean`` / ``doctor``, and by the panel's
+server extension (every ``GET /kernelprov/envs`` describes each kernel through
+:func:`find_staged` and :func:`staging_in_progress`). Reading never writes: stale leases are only
+counted as free here, and removed by the operations that change the cache (:func:`evict`,
+:func:`clean`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from filelock import Timeout
+
+from ..errors import CacheError
+from . import cache, image
+
+log = logging.getLogger(__name__)
+
+
+def user_dirs(cache_root: Path | str | None = None) -> list[Path]:
+    """This user's cache dirs on this node: under the cache root, and the one holding image mounts."""
+    dirs = [cache.user_cache_dir(Path(cache_root) if cache_root else cache.default_cache_root())]
+    image_dir = cache.user_cache_dir(image.image_root())
+    return dirs if image_dir in dirs else dirs + [image_dir]
+
+
+def staged_entries(cache_root: Path | str | None = None) -> list[cache.CacheEntry]:
+    """Every staged env of this user on this node, most recently used first (``kernelprov cache list``)."""
+    found = [entry for user_dir in user_dirs(cache_root) for entry in cache.entries(user_dir)]
+    return sorted(found, key=lambda e: e.last_used, reverse=True)
+
+
+def find_staged(archive: Path | str, *, cache_root: Path | str | None = None) -> cache.CacheEntry | None:
+    """The staged copy of ``archive``'s current version (with its lease count), if this user has
+    one on this node. Called by ``kernelprov list`` and the REST API; changes nothing."""
+    archive = Path(archive).expanduser().absolute()
+    try:
+        st = os.stat(archive)
+    except OSError:
+        return None
+    key = cache.archive_key(archive, st)
+    for user_dir in user_dirs(cache_root):
+        entry = cache.read_marker(user_dir, key)
+        if entry is not None:
+            entry.in_use = cache.count_leases(entry.prefix)
+            return entry
+    return None
+
+
+def staging_in_progress(archive: Path | str, *, cache_root: Path | str | None = None) -> float | None:
+    """When a process (a kernel start, a job prologue) began unpacking ``archive``'s current
+    version on this node, or None. Called by the REST API so the panel shows "staging…" for
+    stages it did not start itself."""
+    archive = Path(archive).expanduser().absolute()
+    try:
+        key = cache.archive_key(archive, os.stat(archive))
+    except OSError:
+        return None
+    for user_dir in user_dirs(cache_root):
+        started = [p.stat().st_mtime for p in user_dir.glob(f".staging-{key}-*")]
+        if not started:
+            continue
+        try:
+            with cache.key_lock(user_dir, key, timeout=0):
+                return None  # nobody holds the lock: leftovers of a killed stage
+        except Timeout:
+            return min(started)
+    return None
+
+
+def evict(archive: Path | str, *, cache_root: Path | str | None = None) -> cache.CacheEntry:
+    """Remove the staged copy of ``archive``; refuse while a kernel uses it.
+
+    Called by the panel's Evict action (through the REST API).
+    """
+    entry = find_staged(archive, cache_root=cache_root)
+    if entry is None:
+        raise CacheError(f"{Path(archive).name} is not staged on this node.")
+    if entry.in_use:
+        raise CacheError(
+            f"{entry.name} is in use by {entry.in_use} running kernel(s); shut them down before evicting it."
+        )
+    gone = cache.try_evict(_marker_dir(entry, cache_root), entry.key)
+    if gone is None:
+        raise CacheError(f"{entry.name} is being staged or just started a kernel; try again in a moment.")
+    return gone
+
+
+def _marker_dir(entry: cache.CacheEntry, cache_root) -> Path:
+    return next(d for d in user_dirs(cache_root) if cache.marker_path(d, entry.key).exists())
+
+
+def clean(*, cache_root: Path | str | None = None) -> list[cache.CacheEntry]:
+    """Evict every staged env of this user that no kernel uses and nobody is staging; return them.
+
+    Called by ``kernelprov cache clean``; also removes stale leases and the leftovers of killed
+    stages and evictions.
+    """
+    evicted = []
+    for user_dir in user_dirs(cache_root):
+        for entry in cache.entries(user_dir):
+            cache.prune_leases(entry.prefix)
+            gone = None if entry.in_use else cache.try_evict(user_dir, entry.key)
+            if gone is None:
+                log.info("keeping %s: in use by %s kernel(s) or being staged", entry.prefix, entry.in_use)
+            else:
+                evicted.append(gone)
+        leftovers = {p.name.split("-")[1] for p in user_dir.glob(".staging-*-*")} | cache.unmarked_keys(user_dir)
+        for leftover in leftovers:
+            cache.try_evict(user_dir, leftover)
+    return evicted

@@ -1,0 +1,125 @@
+"""``ensure_staged(archive) -> StagedEnv``: the one entry point that turns an archive into a prefix.
+
+Called by the provisioner (in a worker thread, at every kernel start), by ``run.sh`` through
+``kernelprov unpack`` when no provisioner is in play, by ``kernelprov unpack`` for job prologues,
+and by the REST API's pre-warm. It reads as the story of a start: reuse a marked env (a warm
+start is two ``stat`` calls and a marker read); otherwise take the archive's lock, look again,
+clear what a killed stage left, stage (:mod:`.unpack` for tar/zip, :mod:`.image_stage` for
+squashfs), and keep the cache within its budget (:mod:`.space`). Only a marked env is ever
+reused, so a crash or kill at any point leaves nothing a later start would trust.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import Timeout
+
+from ..errors import CacheError
+from . import cache, space
+from .archive import check_allowed, stat_archive
+from .extract import ProgressCallback
+from .formats import detect_format, is_image
+
+log = logging.getLogger(__name__)
+
+#: How long a start waits for another process that is staging the same archive.
+DEFAULT_LOCK_TIMEOUT = 1800.0
+
+
+@dataclass
+class StagedEnv:
+    """A published env ready to run kernels: returned by :func:`ensure_staged`."""
+
+    prefix: Path
+    key: str
+    archive: Path
+    extracted: bool  # True when this call unpacked it; False when it reused a staged copy
+    seconds: float
+
+    @property
+    def python(self) -> Path:
+        return self.prefix / "bin" / "python"
+
+
+def ensure_staged(
+    archive: Path | str,
+    *,
+    cache_root: Path | str | None = None,
+    progress: ProgressCallback | None = None,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    max_bytes: int = 0,
+    allowed_roots: list[str] | None = None,
+) -> StagedEnv:
+    """Return the staged env for ``archive``, unpacking it into the user's cache if needed.
+
+    Safe to call from many processes and threads at once: one extracts, the others wait on the
+    archive's lock and then reuse its result. After a fresh unpack, least-recently-used envs that
+    no kernel uses are evicted until the cache fits ``max_bytes`` (0: no budget). Archives outside
+    ``allowed_roots`` (when given) are refused. Raises
+    :class:`~kernelprov.errors.KernelprovError` subclasses whose message a researcher can act on.
+    """
+    started = time.monotonic()
+    archive = Path(archive).expanduser().absolute()
+    if allowed_roots:
+        check_allowed(archive, allowed_roots)
+    st = stat_archive(archive)
+    root = Path(cache_root) if cache_root else cache.default_cache_root()
+    user_dir = cache.user_cache_dir(root)
+    key = cache.archive_key(archive, st)
+
+    reused = _reuse(user_dir, key, archive, started)
+    if reused is not None:
+        return reused
+
+    image_manifest = None
+    if is_image(detect_format(archive)):
+        from .image_stage import image_user_dir
+        from .manifest import read_manifest
+
+        # Image mode keeps its marker beside the image's baked mount point, not in cache_root.
+        image_manifest = read_manifest(archive)
+        user_dir = image_user_dir(archive, image_manifest)
+        reused = _reuse(user_dir, key, archive, started)
+        if reused is not None:
+            return reused
+    try:
+        with cache.key_lock(user_dir, key, lock_timeout):
+            reused = _reuse(user_dir, key, archive, started)  # another process may just have staged it
+            if reused is not None:
+                return reused
+            cache.remove_unpublished(user_dir, key)
+            if image_manifest is not None:
+                from .image_stage import stage_image
+
+                prefix = stage_image(archive, st, image_manifest, user_dir, key, progress)
+            else:
+                from .unpack import stage_tree
+
+                prefix = stage_tree(archive, st, user_dir, key, progress)
+    except Timeout:
+        raise CacheError(
+            f"Timed out after {lock_timeout:.0f} s waiting for another process to unpack {archive}; try again, or run `kernelprov cache clean`."
+        ) from None
+    seconds = time.monotonic() - started
+    log.info("staged %s into %s in %.1f s", archive, prefix, seconds)
+    if max_bytes:
+        space.enforce_budget(user_dir, max_bytes, keep=key)
+    return StagedEnv(prefix, key, archive, True, seconds)
+
+
+def _reuse(user_dir: Path, key: str, archive: Path, started: float) -> StagedEnv | None:
+    """The published env for ``key`` if it is usable as is (its use recorded), else None."""
+    entry = cache.read_marker(user_dir, key)
+    if entry is None:
+        return None
+    if entry.mode == "mounted":
+        from .image_stage import still_usable
+
+        if not still_usable(entry):
+            return None
+    cache.touch(user_dir, key)
+    return StagedEnv(entry.prefix, key, archive, False, time.monotonic() - started)

@@ -1,0 +1,181 @@
+"""Write validated archive members under a private staging directory.
+
+Used by :func:`kernelprov.engine.extract.extract` for every member of every format. Each member
+is validated before anything is written (no absolute names, no ``..``, no links leaving the tree,
+nothing written through a link or file; setuid/setgid bits dropped), directories are created once,
+and modes and mtimes are set through the open file descriptor, so nothing is stat'ed twice.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from ..errors import ArchiveError
+
+
+@dataclass
+class ExtractResult:
+    """What :func:`extract` wrote: counts for the manifest check and the prefix records script."""
+
+    format: str
+    members: int = 0
+    bytes_written: int = 0
+    sha256: str = ""
+    files: set[str] = field(default_factory=set)
+    unpack_script: bytes | None = None
+
+
+@dataclass
+class Member:
+    """One archive entry, format-independent, after its name was normalised."""
+
+    name: str
+    kind: str  # "file", "dir", "symlink" or "hardlink"
+    mode: int
+    mtime: float
+    link_target: str = ""
+    size: int = 0
+
+
+def normalise_member_name(name: str, archive: Path) -> str:
+    """Return ``name`` relative to the env root, or raise if it could land outside it.
+
+    Called for every member before anything is written, and by relocate.py for the paths named
+    in the prefix records (which come from the archive too and are just as untrusted).
+    """
+    if "\x00" in name or name.startswith("/") or name.startswith("\\"):
+        raise ArchiveError(f"Refusing {archive}: member {name!r} has an absolute or invalid path.")
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise ArchiveError(f"Refusing {archive}: member {name!r} points outside the environment.")
+    return "/".join(parts)
+
+
+class TreeWriter:
+    """Creates validated members under ``root``; tracks what exists to avoid redundant syscalls."""
+
+    def __init__(self, root: Path, archive: Path, result: ExtractResult):
+        self.root = str(root)
+        self.archive = archive
+        self.result = result
+        self.dirs: dict[str, tuple[int, float]] = {"": (0o700, 0.0)}
+        self.symlinks: set[str] = set()
+        self.umask = _current_umask()
+
+    def _refuse(self, member: Member, why: str) -> ArchiveError:
+        return ArchiveError(f"Refusing {self.archive}: member {member.name!r} {why}.")
+
+    def _ensure_parent(self, member: Member) -> str:
+        parent = posixpath.dirname(member.name)
+        missing = []
+        probe = parent
+        while probe not in self.dirs:
+            if probe in self.symlinks or probe in self.result.files:
+                raise self._refuse(member, "would be written through a link or file")
+            missing.append(probe)
+            probe = posixpath.dirname(probe)
+        for directory in reversed(missing):
+            os.mkdir(os.path.join(self.root, directory), 0o700)
+            self.dirs[directory] = (0o755, 0.0)
+        return os.path.join(self.root, member.name)
+
+    def _clear(self, member: Member, path: str) -> None:
+        """Replace an earlier member of the same name (tar allows duplicates; the last wins)."""
+        if member.name in self.dirs:
+            raise self._refuse(member, "replaces a directory")
+        if member.name in self.result.files or member.name in self.symlinks:
+            os.unlink(path)
+            self.result.files.discard(member.name)
+            self.symlinks.discard(member.name)
+
+    def add(self, member: Member, chunks: Iterable[bytes] | None) -> None:
+        if not member.name:
+            return  # the archive root itself
+        path = self._ensure_parent(member)
+        self.result.members += 1
+        if member.kind == "dir":
+            if member.name in self.result.files or member.name in self.symlinks:
+                raise self._refuse(member, "replaces a file with a directory")
+            if member.name not in self.dirs:
+                os.mkdir(path, 0o700)
+            self.dirs[member.name] = (member.mode, member.mtime)
+            return
+        self._clear(member, path)
+        if member.kind == "symlink":
+            self._check_link_target(member)
+            os.symlink(member.link_target, path)
+            os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+            self.symlinks.add(member.name)
+            return
+        if member.kind == "hardlink":
+            target = normalise_member_name(member.link_target, self.archive)
+            if target not in self.result.files:
+                raise self._refuse(member, "is a hard link to something that is not a file in it")
+            os.link(os.path.join(self.root, target), path, follow_symlinks=False)
+            self.result.files.add(member.name)
+            return
+        # Owner read/write always: relocation rewrites files in place.
+        mode = (member.mode & 0o777) | 0o600
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        try:
+            written = 0
+            for chunk in chunks or ():
+                written += _write_fully(fd, chunk)
+            if mode & self.umask:
+                os.fchmod(fd, mode)  # open() applied the umask; restore the archive's mode
+            os.utime(fd, (member.mtime, member.mtime))
+        finally:
+            os.close(fd)
+        if written != member.size:
+            raise ArchiveError(f"{self.archive} is truncated or corrupt (member {member.name!r} is short); re-create the archive.")
+        self.result.bytes_written += written
+        self.result.files.add(member.name)
+
+    def _check_link_target(self, member: Member) -> None:
+        target = member.link_target
+        if not target or target.startswith("/") or "\x00" in target:
+            raise self._refuse(member, f"is a link to {target!r} outside the environment")
+        resolved = posixpath.normpath(posixpath.join(posixpath.dirname(member.name), target))
+        if resolved == ".." or resolved.startswith("../"):
+            raise self._refuse(member, f"is a link to {target!r} outside the environment")
+
+    def finish(self) -> None:
+        """Confirm no link chain escapes the tree, then set directory modes and mtimes last."""
+        real_root = os.path.realpath(self.root)
+        for name in self.symlinks:
+            resolved = os.path.realpath(os.path.join(self.root, name))
+            if resolved != real_root and not resolved.startswith(real_root + os.sep):
+                raise ArchiveError(f"Refusing {self.archive}: member {name!r} is a link that resolves outside the environment.")
+        # Deepest first, so setting a parent's mtime is not undone by touching its children.
+        for name in sorted(self.dirs, key=lambda d: d.count("/"), reverse=True):
+            if not name:
+                continue
+            mode, mtime = self.dirs[name]
+            path = os.path.join(self.root, name)
+            os.chmod(path, (mode & 0o777) | 0o700)
+            if mtime:
+                os.utime(path, (mtime, mtime))
+
+
+def _write_fully(fd: int, chunk: bytes) -> int:
+    """Write all of ``chunk``: a nearly full disk makes write() short before it raises ENOSPC."""
+    view = memoryview(chunk)
+    while view:
+        view = view[os.write(fd, view):]
+    return len(chunk)
+
+
+def _current_umask() -> int:
+    """The process umask, read without os.umask(): setting it, even briefly, races other threads."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o777  # unknown: always fchmod

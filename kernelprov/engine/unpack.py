@@ -1,0 +1,75 @@
+"""Stage a tar or zip archive: extract into a private dir, verify, relocate, publish.
+
+Called by :func:`.stage.ensure_staged` with the archive's key lock held. The env is extracted into
+a ``.staging-<key>-*`` dir beside its final place, checked against the manifest, relocated there
+to the final path, renamed into place, and only then marked: a crash or kill at any point leaves
+nothing that a later start would trust (:func:`.cache.remove_unpublished` clears it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import ArchiveError, CacheError
+from . import cache, space
+from .archive import check_unchanged
+from .extract import ProgressCallback, extract
+from .manifest import read_manifest
+from .relocate import read_prefix_records, relocate
+
+log = logging.getLogger(__name__)
+
+
+def stage_tree(archive: Path, st: os.stat_result, user_dir: Path, key: str, progress: ProgressCallback | None) -> Path:
+    """Extract, verify, relocate and publish one archive at ``user_dir/key``; return that prefix."""
+    manifest = read_manifest(archive)
+    if manifest is not None and manifest.size != st.st_size:
+        raise ArchiveError(
+            f"{archive} is {st.st_size} bytes but its manifest records {manifest.size}; it may be incomplete or "
+            "still being copied — wait for the copy to finish or re-create it with `kernelprov pack`."
+        )
+    if manifest is None:
+        log.warning("%s has no manifest; extracting it without an integrity check", archive)
+    space.ensure_space(archive, st, manifest, user_dir, key)
+    final = user_dir / key
+    staging = Path(tempfile.mkdtemp(prefix=f".staging-{key}-", dir=user_dir))
+    try:
+        result = extract(archive, staging, progress=progress)
+        check_unchanged(archive, st)
+        if manifest is not None:
+            if result.sha256 != manifest.sha256:
+                raise ArchiveError(f"{archive} does not match its manifest's sha256 (corrupt or replaced); re-create it with `kernelprov pack`.")
+            if manifest.members is not None and result.members != manifest.members:
+                raise ArchiveError(
+                    f"{archive} holds {result.members} entries but its manifest records {manifest.members}; re-create it with `kernelprov pack`."
+                )
+        if result.unpack_script is not None:
+            records = read_prefix_records(result.unpack_script, archive)
+            relocate(staging, str(final), records, files=result.files, archive=archive)
+        else:
+            log.warning("%s has no bin/conda-unpack; using it without relocation", archive)
+        os.chmod(staging, 0o755)
+        os.rename(staging, final)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if space.is_disk_full(err):
+            needed = manifest.unpacked_bytes if manifest is not None else None
+            raise space.disk_full_error(user_dir, archive, err, needed=needed) from err
+        raise CacheError(f"Unpacking {archive} into {user_dir} failed: {err}.") from err
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    cache.write_marker(
+        user_dir,
+        key,
+        archive=str(archive),
+        archive_size=st.st_size,
+        archive_mtime_ns=st.st_mtime_ns,
+        env_bytes=result.bytes_written,
+        members=result.members,
+    )
+    return final
