@@ -1,6 +1,9 @@
 """kernelprov: Jupyter kernels from packed conda environments, staged on node-local disk."""
 
-__version__ = "0.1.0"
+try:  # written at build time from labextension/package.json, the one version source
+    from ._version import __version__
+except ImportError:  # pragma: no cover - a source tree that was never built or installed
+    __version__ = "0+unknown"
 
 
 def _jupyter_server_extension_points() -> list[dict]:

@@ -20,10 +20,9 @@ from traitlets import List, Set, TraitError, Unicode
 from traitlets.config import LoggingConfigurable
 
 from ..config import KernelprovConfig
-from ..engine import inventory
+from ..engine import inventory, stage
 from ..engine.formats import detect_format
 from ..engine.manifest import read_manifest
-from ..engine.stage import ensure_staged
 from ..errors import ArchiveError, CacheError, KernelprovError
 from .kernelspecs import KernelprovKernel, find_kernels
 
@@ -196,7 +195,7 @@ class KernelprovEnvironments(KernelprovConfig):
 
     def _stage(self, job: PrewarmJob, settings: KernelprovConfig, key: tuple[str, str]) -> None:
         try:
-            staged = ensure_staged(job.archive, progress=job.report, **settings.stage_options())
+            staged = stage.ensure_staged(job.archive, progress=job.report, **settings.stage_options())
         except KernelprovError as err:
             self.log.warning("kernelprov: pre-warm of %s failed: %s", job.archive, err)
             job.error = str(err)
