@@ -19,7 +19,21 @@ from kernelprov.engine.pack import pack_env
 
 from .tiny_env import build_tiny_env
 
-pytest_plugins = ["pytest_jupyter.jupyter_core"]
+# tests.ci_skips: under CI=true a skipped test fails the run.
+pytest_plugins = ["pytest_jupyter.jupyter_core", "tests.ci_skips"]
+
+
+# The fixtures that build or start a real runnable env (CPython + ipykernel, packed).
+REAL_ENV_FIXTURES = frozenset({"runnable_env", "runnable_archive"})
+
+
+def pytest_collection_modifyitems(items):
+    """Mark ``slow`` every test that needs a real runnable env, directly or through another
+    fixture, so ``-m "not slow"`` is always the quick suite whatever a test file remembers."""
+    for item in items:
+        if REAL_ENV_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 TAR_FORMATS = ("tar.gz", "tar.bz2", "tar.zst", "tar", "zip", "tar.xz")
 

@@ -15,7 +15,7 @@ CI_ROOT=${KERNELPROV_CI_ROOT:-/opt/kernelprov-ci}
 VENV=$CI_ROOT/venv
 # What the shared venv holds besides kernelprov; bump CLUSTER_REQUIREMENTS to change it.
 CLUSTER_REQUIREMENTS="jupyterhub>=5,<7 batchspawner==1.3.0 jupyter_server>=2.10"
-APT_PACKAGES="slurm-wlm munge python3-venv"
+APT_PACKAGES="slurm-wlm munge python3-venv iproute2"
 CHECK_ONLY=0
 [ "${1:-}" = "--check" ] && CHECK_ONLY=1
 
@@ -68,9 +68,14 @@ if ! command -v configurable-http-proxy >/dev/null; then
     npm install -g --silent --no-fund --no-audit configurable-http-proxy >/dev/null
 fi
 
+# pip's exit status, its noise filtered (PIPESTATUS read before anything else runs).
 quiet_pip() {
-    "$VENV/bin/python" -m pip --disable-pip-version-check "$@" 2>&1 | grep -v '^WARNING: Location' || true
-    return "${PIPESTATUS[0]}"
+    local status
+    set +e
+    "$VENV/bin/python" -m pip --disable-pip-version-check "$@" 2>&1 | grep -v '^WARNING: Location'
+    status=${PIPESTATUS[0]}
+    set -e
+    return "$status"
 }
 
 requirements_stamp=$CI_ROOT/requirements.txt
@@ -93,8 +98,12 @@ if [ "$(cat "$CI_ROOT/kernelprov.source" 2>/dev/null)" != "$source_hash" ]; then
     trap 'rm -rf "$wheels"' EXIT
     PYTHON_FOR_WHEEL=.venv/bin/python
     [ -x "$PYTHON_FOR_WHEEL" ] || PYTHON_FOR_WHEEL=$VENV/bin/python
+    set +e
     "$PYTHON_FOR_WHEEL" -m pip --disable-pip-version-check wheel --quiet --no-deps -w "$wheels" . 2>&1 \
-        | grep -v '^WARNING: Location' || true
+        | grep -v '^WARNING: Location'
+    status=${PIPESTATUS[0]}
+    set -e
+    [ "$status" = 0 ] || { say "building the kernelprov wheel failed (pip exit $status)"; exit "$status"; }
     wheel=$(ls "$wheels"/kernelprov-*.whl)
     # The first install brings kernelprov's dependencies; the forced one replaces an equal version.
     (umask 022 && quiet_pip install --quiet "$wheel" && quiet_pip install --quiet --no-deps --force-reinstall "$wheel")

@@ -63,9 +63,22 @@ def find_base_python() -> Path:
     for root in candidates:
         if _shared_libpython_version(root) == wanted:
             return root
+    if _is_distro_python(Path(sys.base_prefix)):
+        # Debian/Ubuntu's /usr/bin/python3 keeps libpython in /usr/lib/<multiarch>/ and its stdlib
+        # is patched for dist-packages: it cannot be copied into a relocatable prefix.
+        raise EnvBuildError(f"{sys.base_prefix}/bin/python{wanted} is the distribution's Python, which "
+                            "cannot be made into a relocatable env; use a pyenv or python.org build "
+                            f"with --enable-shared (PYTHON_CONFIGURE_OPTS=--enable-shared pyenv "
+                            f"install {wanted}).")
     raise EnvBuildError(f"No CPython {wanted} with a shared libpython is in {sys.base_prefix} or "
                         f"{versions}; install one: PYTHON_CONFIGURE_OPTS=--enable-shared pyenv "
                         f"install {wanted}.")
+
+
+def _is_distro_python(root: Path) -> bool:
+    """True for a Debian-style system Python (libpython under ``lib/<multiarch>``), which
+    :func:`find_base_python` does not support and says so."""
+    return any(root.glob("lib/*-linux-gnu*/libpython3*.so*"))
 
 
 def package_cache_dir(prefix: Path) -> Path:
