@@ -16,6 +16,7 @@ from traitlets import Float, Int, List, TraitError, Unicode, default, validate
 from traitlets.config import Config, LoggingConfigurable
 
 from .engine.cache import CACHE_ROOT_VARIABLES, default_cache_root
+from .errors import ConfigError
 from .engine.stage import DEFAULT_LOCK_TIMEOUT
 
 #: Jupyter config files read by the CLI too, so one site-wide file configures every entry point.
@@ -42,7 +43,12 @@ class KernelprovConfig(LoggingConfigurable):
 
     @default("cache_dir")
     def _cache_dir_default(self) -> str:
-        return str(default_cache_root(variables=self.cache_dir_variables))
+        root = str(default_cache_root(variables=self.cache_dir_variables))
+        if not os.path.isabs(os.path.expanduser(root)):
+            variable = next((name for name in self.cache_dir_variables if os.environ.get(name, "").strip()), "cache_dir")
+            raise ConfigError(f"{variable}={root!r} is not an absolute path; set it to a node-local "
+                              "directory such as /tmp or unset it.")
+        return root
 
     @validate("cache_dir")
     def _validate_cache_dir(self, proposal) -> str:
@@ -54,33 +60,44 @@ class KernelprovConfig(LoggingConfigurable):
     lock_timeout = Float(
         config=True,
         help="""Seconds a kernel start waits for another process that is unpacking the same
-        archive before giving up. Default: $KERNELPROV_LOCK_TIMEOUT, else 1800.""",
+        archive before giving up; must be positive. Default: $KERNELPROV_LOCK_TIMEOUT, else 1800.""",
     )
 
     @default("lock_timeout")
     def _lock_timeout_default(self) -> float:
-        value = os.environ.get("KERNELPROV_LOCK_TIMEOUT", "")
-        try:
-            return float(value) if value else DEFAULT_LOCK_TIMEOUT
-        except ValueError:
-            self.log.warning("Ignoring KERNELPROV_LOCK_TIMEOUT=%r: not a number", value)
+        value = _from_environment("KERNELPROV_LOCK_TIMEOUT", float, "a positive number of seconds")
+        if value is None:
             return DEFAULT_LOCK_TIMEOUT
+        if not value > 0 or value == float("inf"):
+            raise ConfigError(f"KERNELPROV_LOCK_TIMEOUT={value!r} must be a positive number of seconds; "
+                              "fix it or unset it (default 1800).")
+        return value
+
+    @validate("lock_timeout")
+    def _validate_lock_timeout(self, proposal) -> float:
+        value = proposal["value"]
+        if not value > 0 or value == float("inf"):
+            raise TraitError("lock_timeout must be a positive, finite number of seconds")
+        return value
 
     cache_max_bytes = Int(
         config=True,
         help="""Size budget of each user's cache on a node, in bytes: after a fresh unpack the
         least recently used environments that no running kernel uses are evicted until the cache
-        fits. 0 means no budget. Default: $KERNELPROV_CACHE_MAX_BYTES, else 0.""",
+        fits. 0 means no budget; negative values are refused. Default: $KERNELPROV_CACHE_MAX_BYTES,
+        else 0.""",
     )
 
     @default("cache_max_bytes")
     def _cache_max_bytes_default(self) -> int:
-        value = os.environ.get("KERNELPROV_CACHE_MAX_BYTES", "")
-        try:
-            return int(float(value)) if value else 0
-        except ValueError:
-            self.log.warning("Ignoring KERNELPROV_CACHE_MAX_BYTES=%r: not a number of bytes", value)
+        value = _from_environment("KERNELPROV_CACHE_MAX_BYTES", lambda text: int(float(text)),
+                                  "a number of bytes (0: no budget)")
+        if value is None:
             return 0
+        if value < 0:
+            raise ConfigError(f"KERNELPROV_CACHE_MAX_BYTES={value} must be 0 (no budget) or a positive "
+                              "number of bytes; fix it or unset it.")
+        return value
 
     @validate("cache_max_bytes")
     def _validate_cache_max_bytes(self, proposal) -> int:
@@ -92,24 +109,69 @@ class KernelprovConfig(LoggingConfigurable):
         Unicode(),
         config=True,
         help="""If set, kernels may only run from archives under these directories (e.g. the
-        site's read-only software tree). Default: $KERNELPROV_ALLOWED_ARCHIVE_ROOTS
-        (colon-separated), else no restriction.""",
+        site's read-only software tree). Site policy: when it is set in a Jupyter config file or
+        the environment, a kernel's own kernel.json can narrow it but never widen or clear it.
+        Default: $KERNELPROV_ALLOWED_ARCHIVE_ROOTS (colon-separated), else no restriction.""",
     )
 
     @default("allowed_archive_roots")
     def _allowed_archive_roots_default(self) -> list[str]:
-        return [p for p in os.environ.get("KERNELPROV_ALLOWED_ARCHIVE_ROOTS", "").split(os.pathsep) if p]
+        return _environment_roots()
+
+    def site_allowed_roots(self) -> list[str]:
+        """The site's allowed archive roots: from the Jupyter config files this object was given
+        (any of its configurable classes' sections) or, failing that, the environment.
+
+        Called by :meth:`stage_options`: a kernel's ``kernel_provisioner.config`` reaches the
+        provisioner as constructor keywords, which would otherwise beat the site's config."""
+        for cls in type(self).__mro__:
+            section = self.config.get(cls.__name__) if cls.__name__ in self.config else None
+            if section is not None and "allowed_archive_roots" in section:
+                return list(section["allowed_archive_roots"])
+        return _environment_roots()
+
+    def effective_allowed_roots(self) -> list[str]:
+        """The roots staging enforces: the site's, unless this kernel's own list lies wholly
+        inside them (a kernel may narrow site policy, never widen or clear it)."""
+        site = self.site_allowed_roots()
+        own = list(self.allowed_archive_roots)
+        if not site:
+            return own
+        if own and all(any(_within(root, allowed) for allowed in site) for root in own):
+            return own
+        if own != site:
+            self.log.warning("kernelprov: ignoring a kernel's allowed_archive_roots %s: the site allows only %s", own, site)
+        return site
 
     def stage_options(self) -> dict:
         """Keyword arguments for :func:`kernelprov.engine.stage.ensure_staged` from these settings."""
         return {"cache_root": self.cache_dir, "lock_timeout": self.lock_timeout, "max_bytes": self.cache_max_bytes,
-                "allowed_roots": self.allowed_archive_roots}
+                "allowed_roots": self.effective_allowed_roots()}
 
-    @validate("lock_timeout")
-    def _validate_lock_timeout(self, proposal) -> float:
-        if proposal["value"] <= 0:
-            raise TraitError("lock_timeout must be positive")
-        return proposal["value"]
+
+def _from_environment(variable: str, parse, expected: str):
+    """The parsed value of ``variable``, None when unset; a :class:`ConfigError` naming the variable
+    when it does not parse. Called by the trait defaults, which traitlets does not validate."""
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return None
+    try:
+        return parse(text)
+    except (ValueError, OverflowError):
+        raise ConfigError(f"{variable}={text!r} is not {expected}; fix it or unset it.") from None
+
+
+def _environment_roots() -> list[str]:
+    roots = [p for p in os.environ.get("KERNELPROV_ALLOWED_ARCHIVE_ROOTS", "").split(os.pathsep) if p]
+    for root in roots:
+        if not os.path.isabs(root):
+            raise ConfigError(f"KERNELPROV_ALLOWED_ARCHIVE_ROOTS names {root!r}, which is not an absolute path; fix it.")
+    return roots
+
+
+def _within(path: str, root: str) -> bool:
+    path, root = os.path.realpath(path), os.path.realpath(root)
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def load_site_config() -> Config:

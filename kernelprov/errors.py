@@ -11,6 +11,10 @@ class KernelprovError(Exception):
     """Base of every error kernelprov raises on purpose; its ``str()`` is the user-facing text."""
 
 
+class ConfigError(KernelprovError):
+    """A setting (most often an environment variable) has a value kernelprov cannot use."""
+
+
 class ArchiveError(KernelprovError):
     """The archive is missing, unreadable, of an unknown format, corrupt or unsafe."""
 

@@ -106,3 +106,71 @@ def test_a_global_kernel_whose_stager_or_archive_others_cannot_reach_is_flagged(
     assert f"kernelprov: warning: other users cannot read {archive}: chmod a+r {archive}" in err
     status, out, _ = cli("doctor", "site", "--kernels-dir", str(kernels), "--no-hash")
     assert status == 1 and f"FIX other users cannot read {archive}" in out
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("KERNELPROV_LOCK_TIMEOUT", "-1", "KERNELPROV_LOCK_TIMEOUT=-1.0 must be a positive number of seconds"),
+    ("KERNELPROV_LOCK_TIMEOUT", "soon", "KERNELPROV_LOCK_TIMEOUT='soon' is not a positive number of seconds"),
+    ("KERNELPROV_CACHE_MAX_BYTES", "-5", "KERNELPROV_CACHE_MAX_BYTES=-5 must be 0 (no budget) or a positive"),
+    ("KERNELPROV_CACHE_DIR", "relative/cache", "KERNELPROV_CACHE_DIR='relative/cache' is not an absolute path"),
+    ("KERNELPROV_ALLOWED_ARCHIVE_ROOTS", "apps/envs", "names 'apps/envs', which is not an absolute path"),
+])
+def test_a_bad_setting_in_the_environment_is_refused_in_one_sentence(cli, tiny_archives, monkeypatch, variable, value, message):
+    # Trait defaults skip traitlets' @validate: without the checks in config.py, -1 waited forever,
+    # -5 evicted every idle env and a relative cache dir landed wherever the kernel was started.
+    monkeypatch.setenv(variable, value)
+    status, out, err = cli("unpack", "--quiet", str(tiny_archives["tar.gz"]))
+    assert status == 1 and out == ""
+    assert err.startswith("kernelprov: error: ") and message in err and err.count("\n") == 1, err
+
+
+async def test_site_allowed_roots_win_over_a_kernels_own_config(cli, tiny_archives, copy_archive, jp_data_dir, tmp_path):
+    # A user's kernel.json that clears (or widens) the site's allowed_archive_roots must not get
+    # past the site policy: provisioner config from kernel.json arrives as constructor keywords,
+    # which beat the site's config file unless the policy is applied on purpose.
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets.config import Config
+
+    allowed = tmp_path / "apps-envs"
+    allowed.mkdir()
+    outside = copy_archive(tiny_archives["tar.gz"], "mine.tar.gz")
+    assert cli("install", "mine", "--archive", str(outside))[0] == 0
+    spec_path = jp_data_dir / "kernels" / "mine" / "kernel.json"
+    for own in ([], [str(outside.parent)]):
+        spec = json.loads(spec_path.read_text())
+        spec["metadata"]["kernel_provisioner"]["config"]["allowed_archive_roots"] = own
+        spec_path.write_text(json.dumps(spec))
+        site = Config({"KernelprovConfig": {"allowed_archive_roots": [str(allowed)]}})
+        km = AsyncKernelManager(kernel_name="mine", config=site)
+        with pytest.raises(Exception, match="outside the archive locations this site allows"):
+            await km.start_kernel()
+        assert km.provisioner is None or km.provisioner.staged_env is None
+
+
+def test_a_kernel_may_narrow_the_site_allowed_roots(tmp_path):
+    from traitlets.config import Config
+
+    site = Config({"KernelprovConfig": {"allowed_archive_roots": [str(tmp_path)]}})
+    narrower = str(tmp_path / "team")
+    assert KernelprovConfig(config=site, allowed_archive_roots=[narrower]).stage_options()["allowed_roots"] == [narrower]
+    assert KernelprovConfig(config=site, allowed_archive_roots=["/"]).stage_options()["allowed_roots"] == [str(tmp_path)]
+    assert KernelprovConfig(allowed_archive_roots=["/x"]).stage_options()["allowed_roots"] == ["/x"]  # no site policy
+
+
+def test_run_sh_stages_from_outside_the_kernels_working_directory(cli, tiny_archives, copy_archive, jp_data_dir, tmp_path):
+    # A shared project folder where another user dropped argparse.py: run.sh (no provisioner)
+    # must not import it when it runs `python -m kernelprov unpack` there.
+    archive = copy_archive(tiny_archives["tar.gz"])
+    assert cli("install", "plain", "--archive", str(archive))[0] == 0
+    project = tmp_path / "shared-project"
+    project.mkdir()
+    pwned = tmp_path / "pwned"
+    (project / "argparse.py").write_text(f"open({str(pwned)!r}, 'w').write('ran')\nraise SystemExit(3)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("KERNELPROV_ENV", "PYTHONPATH")}
+    import subprocess
+
+    result = subprocess.run([str(jp_data_dir / "kernels/plain/run.sh"), "-f", str(tmp_path / "conn.json")],
+                            cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    assert not pwned.exists(), "the stager imported argparse.py from the kernel's working directory"
+    # It got as far as exec'ing the staged env's python (the tiny env's is a stub), so it staged.
+    assert "kernelprov: error" not in result.stderr, result.stderr

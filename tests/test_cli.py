@@ -119,6 +119,7 @@ def test_list_unpack_cache_and_remove(cli, tiny_archives, jp_data_dir, cache_roo
     (["remove", "nothere"], "No kernelprov kernel named 'nothere'"),
     (["unpack", "/no/such/env.tar.zst"], "does not exist"),
     (["install", "../evil", "--archive", "/dev/null"], "Invalid kernel name"),
+    (["install", "evil\n", "--archive", "/dev/null"], "Invalid kernel name"),  # "$" would match before "\n"
     (["install", "x", "--env", "NOEQUALS", "--archive", "/dev/null"], "NAME=VALUE"),
     (["pack", "-o", "/tmp/x.tar.gz"], "either a conda environment name or --env-prefix"),
 ])

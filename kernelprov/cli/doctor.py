@@ -21,7 +21,9 @@ from ..errors import KernelprovError
 from ..jupyter.kernelspecs import PROVISIONER_NAME, KernelprovKernel, system_tool
 
 # Kernels installed before kernel.json recorded the stager: read it from their run.sh.
-_STAGER = re.compile(r'KERNELPROV_ENV="\$\((.+?) -m kernelprov unpack')
+_STAGER = re.compile(r'KERNELPROV_ENV="\$\((.+?)(?: -I)? -m kernelprov unpack')
+# run.sh written before the stager ran isolated: it imports from the kernel's working directory.
+_UNISOLATED_STAGER = re.compile(r'KERNELPROV_ENV="\$\((?:(?! -I ).)+ -m kernelprov unpack')
 
 
 @dataclass
@@ -120,6 +122,13 @@ def _check_run_sh(kernel: KernelprovKernel) -> Finding:
         if not os.access(stager, os.X_OK):
             return Finding(False, f"run.sh stages through {stager}, which you cannot execute",
                            "reinstall the kernel with a kernelprov that every user can run (e.g. the site's Jupyter env)")
+    try:
+        unisolated = bool(_UNISOLATED_STAGER.search(run_sh.read_text()))
+    except OSError:
+        unisolated = False
+    if unisolated:
+        return Finding(False, f"{run_sh} runs its stager with the kernel's folder on sys.path (written by an older kernelprov)",
+                       f"reinstall it: `kernelprov install {kernel.name} --archive {kernel.archive} --replace`")
     return Finding(True, f"{run_sh} is executable")
 
 

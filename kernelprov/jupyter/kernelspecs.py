@@ -51,8 +51,10 @@ _RUN_SH = """\
 # the shared filesystem this kernel is meant to stay off.
 set -euo pipefail
 archive={archive}
+# The stager runs isolated (-I): the kernel's working directory, perhaps a shared project folder
+# where anyone can drop an argparse.py, is never on its sys.path, nor are PYTHON* variables read.
 if [ -z "${{KERNELPROV_ENV:-}}" ] || [ "${{KERNELPROV_ARCHIVE:-}}" != "$archive" ]; then
-    KERNELPROV_ENV="$({stager} -m kernelprov unpack --quiet "$archive")"
+    KERNELPROV_ENV="$({stager} -I -m kernelprov unpack --quiet "$archive")"
     export KERNELPROV_ENV KERNELPROV_ARCHIVE="$archive"
 fi
 # Lease the env for as long as this kernel (or anything it starts) lives, so eviction never
@@ -77,7 +79,8 @@ exec "$KERNELPROV_ENV/bin/python" -m ipykernel_launcher "$@"
 
 def validate_name(name: str) -> str:
     """Refuse kernel names that Jupyter would reject or that could name another directory."""
-    if not _NAME.match(name or ""):
+    # fullmatch: with match, "$" would accept a name ending in a newline.
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise KernelspecError(f"Invalid kernel name {name!r}: use letters, digits, '.', '_' and '-' only.")
     return name
 
