@@ -12,7 +12,11 @@ import { Dialog, showDialog, showErrorMessage } from '@jupyterlab/apputils';
 import { IDocumentManager } from '@jupyterlab/docmanager';
 import { IDefaultFileBrowser } from '@jupyterlab/filebrowser';
 import { ITranslator, nullTranslator } from '@jupyterlab/translation';
-import { CommandToolbarButton, refreshIcon, SidePanel } from '@jupyterlab/ui-components';
+import {
+  CommandToolbarButton,
+  refreshIcon,
+  SidePanel
+} from '@jupyterlab/ui-components';
 import { Message } from '@lumino/messaging';
 import { Panel, Widget } from '@lumino/widgets';
 
@@ -53,7 +57,8 @@ class EnvironmentsPanel extends SidePanel {
 
 const plugin: JupyterFrontEndPlugin<void> = {
   id: 'kernelprov:environments',
-  description: 'A side panel with the packed conda environments of kernelprov and their state on this node.',
+  description:
+    'A side panel with the packed conda environments of kernelprov and their state on this node.',
   autoStart: true,
   requires: [IDocumentManager],
   optional: [ILayoutRestorer, ITranslator, IDefaultFileBrowser],
@@ -78,14 +83,20 @@ const plugin: JupyterFrontEndPlugin<void> = {
           });
           docManager.open(file.path, 'default', { name: env.name });
         } catch (reason) {
-          void showErrorMessage(trans.__('Cannot open a notebook on %1', env.display_name), reason as Error);
+          void showErrorMessage(
+            trans.__('Cannot open a notebook on %1', env.display_name),
+            reason as Error
+          );
         }
       },
       stage: async (env: IEnvironment) => {
         try {
           await model.stage(env.name);
         } catch (reason) {
-          void showErrorMessage(trans.__('Cannot stage %1', env.display_name), reason as Error);
+          void showErrorMessage(
+            trans.__('Cannot stage %1', env.display_name),
+            reason as Error
+          );
         }
       },
       evict: async (env: IEnvironment) => {
@@ -105,12 +116,18 @@ const plugin: JupyterFrontEndPlugin<void> = {
         try {
           await model.evict(env.name);
         } catch (reason) {
-          void showErrorMessage(trans.__('Cannot evict %1', env.display_name), reason as Error);
+          void showErrorMessage(
+            trans.__('Cannot evict %1', env.display_name),
+            reason as Error
+          );
         }
       }
     };
 
-    const panel = new EnvironmentsPanel(model, { content: new Panel(), translator });
+    const panel = new EnvironmentsPanel(model, {
+      content: new Panel(),
+      translator
+    });
     panel.id = PANEL_ID;
     panel.addClass('jp-kernelprov-panel');
     panel.title.icon = environmentsIcon;
@@ -133,7 +150,11 @@ const plugin: JupyterFrontEndPlugin<void> = {
     });
     panel.toolbar.addItem(
       'refresh',
-      new CommandToolbarButton({ commands: app.commands, id: REFRESH_COMMAND, label: '' })
+      new CommandToolbarButton({
+        commands: app.commands,
+        id: REFRESH_COMMAND,
+        label: ''
+      })
     );
     panel.addWidget(new EnvironmentsView(model, actions, trans));
 

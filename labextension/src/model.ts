@@ -3,7 +3,12 @@ import { IDisposable } from '@lumino/disposable';
 import { Poll } from '@lumino/polling';
 import { ISignal, Signal } from '@lumino/signaling';
 
-import { IEnvironment, IEnvironmentList, requestAPI, stagePath } from './request';
+import {
+  IEnvironment,
+  IEnvironmentList,
+  requestAPI,
+  stagePath
+} from './request';
 
 /** How often the list refreshes while something stages, and otherwise. */
 const STAGING_INTERVAL = 500;
@@ -19,7 +24,11 @@ export class EnvironmentsModel implements IDisposable {
     this._poll = new Poll({
       auto: false,
       factory: () => this._fetch(),
-      frequency: { interval: IDLE_INTERVAL, backoff: true, max: 4 * IDLE_INTERVAL },
+      frequency: {
+        interval: IDLE_INTERVAL,
+        backoff: true,
+        max: 4 * IDLE_INTERVAL
+      },
       name: 'kernelprov:environments',
       standby: () => (this._visible ? 'when-hidden' : true)
     });
@@ -91,11 +100,19 @@ export class EnvironmentsModel implements IDisposable {
     Signal.clearData(this);
   }
 
-  private async _act(name: string, action: EnvironmentsModel.Action, init: RequestInit): Promise<void> {
+  private async _act(
+    name: string,
+    action: EnvironmentsModel.Action,
+    init: RequestInit
+  ): Promise<void> {
     this._busy.set(name, action);
     this._changed.emit();
     try {
-      const env = await requestAPI<IEnvironment>(stagePath(name), this._serverSettings, init);
+      const env = await requestAPI<IEnvironment>(
+        stagePath(name),
+        this._serverSettings,
+        init
+      );
       this._replace(env);
     } finally {
       this._busy.delete(name);
@@ -105,13 +122,18 @@ export class EnvironmentsModel implements IDisposable {
   }
 
   private _replace(env: IEnvironment): void {
-    this._environments = this._environments.map(e => (e.name === env.name ? env : e));
+    this._environments = this._environments.map(e =>
+      e.name === env.name ? env : e
+    );
     this._adjustFrequency();
   }
 
   private async _fetch(): Promise<void> {
     try {
-      const list = await requestAPI<IEnvironmentList>('envs', this._serverSettings);
+      const list = await requestAPI<IEnvironmentList>(
+        'envs',
+        this._serverSettings
+      );
       this._environments = list.envs;
       this._cacheDir = list.cache_dir;
       this._error = null;
@@ -124,7 +146,9 @@ export class EnvironmentsModel implements IDisposable {
   }
 
   private _adjustFrequency(): void {
-    const staging = this._environments.some(e => e.staging && !e.staging.error && !e.staged);
+    const staging = this._environments.some(
+      e => e.staging && !e.staging.error && !e.staged
+    );
     this._poll.frequency = staging
       ? { interval: STAGING_INTERVAL, backoff: false, max: STAGING_INTERVAL }
       : { interval: IDLE_INTERVAL, backoff: true, max: 4 * IDLE_INTERVAL };

@@ -31,9 +31,13 @@ export function formatBytes(bytes: number | null | undefined): string {
   return `${value >= 100 || unit === 0 ? value.toFixed(0) : value.toFixed(1)} ${units[unit]}`;
 }
 
-type State = 'problem' | 'failed' | 'staging' | 'evicting' | 'ready' | 'not-staged';
+type State =
+  'problem' | 'failed' | 'staging' | 'evicting' | 'ready' | 'not-staged';
 
-function stateOf(env: IEnvironment, busyWith?: EnvironmentsModel.Action): State {
+function stateOf(
+  env: IEnvironment,
+  busyWith?: EnvironmentsModel.Action
+): State {
   if (env.staged && busyWith === 'evict') {
     return 'evicting';
   }
@@ -46,7 +50,11 @@ function stateOf(env: IEnvironment, busyWith?: EnvironmentsModel.Action): State 
   return env.problems.length ? 'problem' : 'not-staged';
 }
 
-function StateCell(props: { env: IEnvironment; state: State; trans: TranslationBundle }): JSX.Element {
+function StateCell(props: {
+  env: IEnvironment;
+  state: State;
+  trans: TranslationBundle;
+}): JSX.Element {
   const { env, state, trans } = props;
   let label: string;
   let bar: JSX.Element | null = null;
@@ -79,14 +87,20 @@ function StateCell(props: { env: IEnvironment; state: State; trans: TranslationB
       label = trans.__('not staged');
   }
   return (
-    <td className={`jp-kernelprov-state jp-kernelprov-mod-${state}`} aria-live="polite">
+    <td
+      className={`jp-kernelprov-state jp-kernelprov-mod-${state}`}
+      aria-live="polite"
+    >
       <span className="jp-kernelprov-stateLabel">{label}</span>
       {bar}
     </td>
   );
 }
 
-function Details(props: { env: IEnvironment; trans: TranslationBundle }): JSX.Element {
+function Details(props: {
+  env: IEnvironment;
+  trans: TranslationBundle;
+}): JSX.Element {
   const { env, trans } = props;
   const lines: JSX.Element[] = [];
   // The Python and package columns give way in a narrow side bar (CSS container queries);
@@ -95,7 +109,9 @@ function Details(props: { env: IEnvironment; trans: TranslationBundle }): JSX.El
     lines.push(
       <li key="facts" className="jp-kernelprov-narrowFacts">
         {env.python_version !== null && (
-          <span className="jp-kernelprov-fact-python">{trans.__('Python %1', env.python_version)}</span>
+          <span className="jp-kernelprov-fact-python">
+            {trans.__('Python %1', env.python_version)}
+          </span>
         )}
         {env.packages !== null && (
           <span className="jp-kernelprov-fact-packages">
@@ -123,10 +139,15 @@ function Details(props: { env: IEnvironment; trans: TranslationBundle }): JSX.El
     const staged = env.staged;
     const parts = [
       trans.__('%1 on this node', formatBytes(staged.bytes)),
-      trans.__('last used %1', Time.formatHuman(new Date(staged.last_used * 1000)))
+      trans.__(
+        'last used %1',
+        Time.formatHuman(new Date(staged.last_used * 1000))
+      )
     ];
     if (staged.in_use) {
-      parts.push(trans._n('in use by %1 kernel', 'in use by %1 kernels', staged.in_use));
+      parts.push(
+        trans._n('in use by %1 kernel', 'in use by %1 kernels', staged.in_use)
+      );
     }
     lines.push(
       <li key="staged" title={staged.prefix}>
@@ -154,19 +175,33 @@ function EnvironmentRows(props: {
   return (
     <tbody className="jp-kernelprov-env" data-kernel-name={env.name}>
       <tr>
-        <th scope="row" className="jp-kernelprov-name" title={env.archive ?? ''}>
+        <th
+          scope="row"
+          className="jp-kernelprov-name"
+          title={env.archive ?? ''}
+        >
           <span className="jp-kernelprov-displayName">{env.display_name}</span>
           <span className="jp-kernelprov-kernelName">{env.name}</span>
         </th>
-        <td className="jp-kernelprov-number jp-kernelprov-col-size">{formatBytes(env.archive_size)}</td>
-        <td className="jp-kernelprov-number jp-kernelprov-col-python">{env.python_version ?? '—'}</td>
-        <td className="jp-kernelprov-number jp-kernelprov-col-packages">{env.packages ?? '—'}</td>
+        <td className="jp-kernelprov-number jp-kernelprov-col-size">
+          {formatBytes(env.archive_size)}
+        </td>
+        <td className="jp-kernelprov-number jp-kernelprov-col-python">
+          {env.python_version ?? '—'}
+        </td>
+        <td className="jp-kernelprov-number jp-kernelprov-col-packages">
+          {env.packages ?? '—'}
+        </td>
         <StateCell env={env} state={state} trans={trans} />
       </tr>
       <tr className="jp-kernelprov-actionsRow">
         <td colSpan={5}>
           <Details env={env} trans={trans} />
-          <div className="jp-kernelprov-actions" role="group" aria-label={trans.__('Actions for %1', who)}>
+          <div
+            className="jp-kernelprov-actions"
+            role="group"
+            aria-label={trans.__('Actions for %1', who)}
+          >
             <button
               type="button"
               className="jp-kernelprov-button jp-mod-accept"
@@ -181,8 +216,12 @@ function EnvironmentRows(props: {
               type="button"
               className="jp-kernelprov-button"
               aria-label={trans.__('Stage now: %1', who)}
-              title={trans.__('Unpack this environment onto this node now, so kernels start fast')}
-              disabled={blocked || busy || state === 'ready' || state === 'staging'}
+              title={trans.__(
+                'Unpack this environment onto this node now, so kernels start fast'
+              )}
+              disabled={
+                blocked || busy || state === 'ready' || state === 'staging'
+              }
               onClick={() => actions.stage(env)}
             >
               {trans.__('Stage now')}
@@ -240,33 +279,56 @@ function EnvironmentsTable(props: {
       )}
       {!model.loading && all.length === 0 && !model.error && (
         <p className="jp-kernelprov-message">
-          {trans.__('No packed environments yet. Add one in a terminal with `kernelprov install NAME`.')}
+          {trans.__(
+            'No packed environments yet. Add one in a terminal with `kernelprov install NAME`.'
+          )}
         </p>
       )}
       {shown.length > 0 && (
-        <table className="jp-kernelprov-table" aria-label={trans.__('Packed environments')}>
+        <table
+          className="jp-kernelprov-table"
+          aria-label={trans.__('Packed environments')}
+        >
           <thead>
             <tr>
               <th scope="col">{trans.__('Name')}</th>
-              <th scope="col" className="jp-kernelprov-number jp-kernelprov-col-size" title={trans.__('Archive size')}>
+              <th
+                scope="col"
+                className="jp-kernelprov-number jp-kernelprov-col-size"
+                title={trans.__('Archive size')}
+              >
                 {trans.__('Size')}
               </th>
-              <th scope="col" className="jp-kernelprov-number jp-kernelprov-col-python">
+              <th
+                scope="col"
+                className="jp-kernelprov-number jp-kernelprov-col-python"
+              >
                 {trans.__('Python')}
               </th>
-              <th scope="col" className="jp-kernelprov-number jp-kernelprov-col-packages">
+              <th
+                scope="col"
+                className="jp-kernelprov-number jp-kernelprov-col-packages"
+              >
                 <abbr title={trans.__('Packages')}>{trans.__('Pkgs')}</abbr>
               </th>
               <th scope="col">{trans.__('State')}</th>
             </tr>
           </thead>
           {shown.map(env => (
-            <EnvironmentRows key={env.name} env={env} model={model} actions={actions} trans={trans} />
+            <EnvironmentRows
+              key={env.name}
+              env={env}
+              model={model}
+              actions={actions}
+              trans={trans}
+            />
           ))}
         </table>
       )}
       {needle && shown.length === 0 && all.length > 0 && (
-        <p className="jp-kernelprov-message">{trans.__('No environment matches “%1”.', filter)}</p>
+        <p className="jp-kernelprov-message">
+          {trans.__('No environment matches “%1”.', filter)}
+        </p>
       )}
       {model.cacheDir && (
         <p className="jp-kernelprov-footer">
@@ -281,7 +343,11 @@ function EnvironmentsTable(props: {
  * The table of environments, re-rendered whenever the model changes.
  */
 export class EnvironmentsView extends ReactWidget {
-  constructor(model: EnvironmentsModel, actions: IEnvironmentActions, trans: TranslationBundle) {
+  constructor(
+    model: EnvironmentsModel,
+    actions: IEnvironmentActions,
+    trans: TranslationBundle
+  ) {
     super();
     this.addClass('jp-kernelprov-view');
     this._model = model;
@@ -292,7 +358,13 @@ export class EnvironmentsView extends ReactWidget {
   render(): JSX.Element {
     return (
       <UseSignal signal={this._model.changed}>
-        {() => <EnvironmentsTable model={this._model} actions={this._actions} trans={this._trans} />}
+        {() => (
+          <EnvironmentsTable
+            model={this._model}
+            actions={this._actions}
+            trans={this._trans}
+          />
+        )}
       </UseSignal>
     );
   }
