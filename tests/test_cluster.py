@@ -231,9 +231,11 @@ def test_every_daemon_server_and_kernel_listens_on_loopback_only(cluster_run):
         pytest.skip("`ss` (iproute2) is not installed: cannot list listening sockets")
     names = {name for _address, process in listening for name in re.findall(r'\("([^"]+)"', process)}
     # munged listens on its unix socket only; "node" is configurable-http-proxy, "batchspawner-si"
-    # the single-user servers, "python" the kernels.
-    for expected in ("slurmctld", "slurmd", "srun", "node", "jupyterhub", "batchspawner-si", "python"):
+    # the single-user servers. The kernels ("python") listen on no TCP port at all: the provisioner
+    # gives them private IPC sockets (kernelprov/jupyter/transport.py).
+    for expected in ("slurmctld", "slurmd", "srun", "node", "jupyterhub", "batchspawner-si"):
         assert expected in names, f"no listening socket of {expected} found: {listening}"
+    assert not any(name.startswith("python") for name in names), f"a kernel listens on TCP: {listening}"
     exposed = [(address, process) for address, process in listening
                if not address.startswith(("127.0.0.1:", "[::1]:", "/"))]
     assert not exposed, f"listening beyond loopback: {exposed}"

@@ -15,11 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from jupyter_client.provisioning import LocalProvisioner
-from traitlets import Instance, Unicode
+from traitlets import CaselessStrEnum, Instance, Unicode, default
 
 from ..config import KernelprovConfig
 from ..engine.stage import StagedEnv, ensure_staged
 from ..errors import KernelprovError
+from . import transport as transports
 
 try:  # jupyter_server shows an HTTPError's message in JupyterLab; any other exception as "Unhandled error"
     from tornado.web import HTTPError as _ServerError
@@ -64,6 +65,21 @@ class KernelprovProvisioner(KernelprovConfig, LocalProvisioner):  # type: ignore
 
     staged_env = Instance(StagedEnv, allow_none=True, help="The env this provisioner launched from, once staged.")
 
+    kernel_transport = CaselessStrEnum(
+        transports.TRANSPORTS,
+        config=True,
+        help="""How the server and the kernel talk: "ipc" (unix sockets in a private 0700 dir: no
+        other user of the node can reach the kernel), "curve" (TCP encrypted with CurveZMQ;
+        needs ipykernel >= 7.4 in the env) or "tcp" (plain loopback TCP, reachable by every user
+        of the node). Default: $KERNELPROV_KERNEL_TRANSPORT, else "ipc".""",
+    )
+
+    @default("kernel_transport")
+    def _kernel_transport_default(self) -> str:
+        return transports.transport_from_environment()
+
+    _socket_dir: str | None = None
+
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """Stage the env, then let LocalProvisioner build the launch command and environment.
 
@@ -98,4 +114,16 @@ class KernelprovProvisioner(KernelprovConfig, LocalProvisioner):  # type: ignore
             PATH=os.pathsep.join([os.path.join(prefix, "bin"), env.get("PATH", os.defpath)]),
         )
         kwargs["env"] = env
+        try:
+            self._socket_dir = transports.prepare(self.parent, self.kernel_transport, self._socket_dir, kwargs)
+        except KernelprovError as err:
+            raise KernelStartError(str(err)) from err
         return await super().pre_launch(**kwargs)
+
+    async def cleanup(self, restart: bool = False) -> None:
+        """Called by the kernel manager after the kernel process ended; a restart keeps the
+        private socket dir (the connection file is reused), a final cleanup removes it."""
+        await super().cleanup(restart=restart)
+        if not restart:
+            transports.remove_socket_dir(self._socket_dir)
+            self._socket_dir = None
