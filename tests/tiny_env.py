@@ -2,7 +2,10 @@
 
 It holds a shebang script, a config file and a NUL-terminated "binary" file that contain the
 prefix (so relocation has work of all kinds), a relative symlink, an executable, and a file with
-an old mtime (so tests can see mtimes survive). See ../shared/FIXTURES.md for what conda-pack reads.
+an old mtime (so tests can see mtimes survive). :func:`build_relocation_env` adds what a real env
+has on top: read-only files, shebangs conda-pack rewrites at pack time, Python sources with their
+bytecode, and pip-installed files that no conda record lists. See ../shared/FIXTURES.md for what
+conda-pack reads.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import py_compile
+import sys
 from pathlib import Path
 
 OLD_MTIME = 1_600_000_000  # 2020-09-13, far from "now" so a lost mtime is obvious
@@ -59,6 +64,98 @@ def build_tiny_env(prefix: Path) -> Path:
     return prefix
 
 
-def _write(path: Path, content: bytes) -> None:
+def _write(path: Path, content: bytes, mode: int | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        os.chmod(path, 0o644)  # a read-only copy being rewritten
     path.write_bytes(content)
+    if mode is not None:
+        os.chmod(path, mode)
+
+
+#: Where the relocation env keeps its Python modules (a tag of the interpreter running the tests,
+#: whose bytecode it holds).
+SITE_PACKAGES = f"lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
+
+
+def build_relocation_env(prefix: Path) -> Path:
+    """The tiny env plus what makes relocation hard, for comparing kernelprov with conda-unpack.
+
+    A second package ``reloc`` holds: a shebang script conda-pack rewrites at pack time (one
+    prefix) and one it cannot (two, so it keeps a text record); read-only (0444) files with and
+    without the prefix; a binary file with several C strings; a record whose file no longer holds
+    its placeholder; and ``relocmod.py`` (the prefix in a string) and ``plainmod.py`` with their
+    timestamp-based ``.pyc``. Unmanaged, as ``pip install`` leaves them: a package whose
+    ``__init__.py`` holds the prefix (with its ``.pyc``), a dist-info dir, an entry-point script and
+    a non-UTF-8 binary, which conda-pack keeps without a record.
+    """
+    prefix = build_tiny_env(prefix)
+    site = SITE_PACKAGES
+    text = {
+        "bin/reloc-tool": (f"#!{prefix}/bin/python3\nprint('tool')\n", 0o755),
+        "bin/reloc-tool2": (f"#!{prefix}/bin/python3 -E\n# data in {prefix}/share\n", 0o755),
+        "etc/reloc-readonly.conf": (f"home={prefix}\n", 0o444),
+        "share/reloc/readonly.txt": ("read-only, no prefix\n", 0o444),
+        "share/reloc/moved-on.txt": ("the placeholder was edited out\n", 0o644),
+        f"{site}/relocmod.py": (f"PREFIX = {str(prefix)!r}\n", 0o644),
+        f"{site}/plainmod.py": ("VALUE = 42\n", 0o644),
+    }
+    binary = {"lib/libreloc.so": (b"\x7fELF\x02\x01" + f"{prefix}/lib\x00\xff\xfe{prefix}/share/x:{prefix}/y\x00end".encode(), 0o755)}
+    with_prefix = {"bin/reloc-tool", "bin/reloc-tool2", "etc/reloc-readonly.conf", "share/reloc/moved-on.txt", f"{site}/relocmod.py"}
+    entries = []
+    for rel, (content, mode) in text.items():
+        _write(prefix / rel, content.encode(), mode)
+        entries.append((rel, "text" if rel in with_prefix else None))
+    for rel, (content, mode) in binary.items():
+        _write(prefix / rel, content, mode)
+        entries.append((rel, "binary"))
+    for module in ("relocmod", "plainmod"):
+        entries.append((_compile(prefix / site / f"{module}.py"), None))
+    _package(prefix, "reloc", entries)
+
+    pip = {  # unmanaged: conda-pack inspects each itself ("unknown" file mode)
+        f"{site}/pipmod/__init__.py": (f"HOME = {str(prefix)!r}\n".encode(), 0o644),
+        f"{site}/pipmod/data.txt": (f"read-only {prefix}\n".encode(), 0o444),
+        f"{site}/pipmod-1.0.dist-info/METADATA": (b"Metadata-Version: 2.1\nName: pipmod\nVersion: 1.0\n", 0o644),
+        f"{site}/pipmod-1.0.dist-info/INSTALLER": (b"pip\n", 0o644),
+        "bin/pipmod-run": (f"#!{prefix}/bin/python3\nimport pipmod\n".encode(), 0o755),
+        "lib/libpipmod.so": (b"\x7fELF\xff\xfe" + f"{prefix}/lib\x00".encode(), 0o755),
+    }
+    for rel, (content, mode) in pip.items():
+        _write(prefix / rel, content, mode)
+    _compile(prefix / site / "pipmod/__init__.py")
+    return prefix
+
+
+def _compile(source: Path) -> str:
+    """Compile ``source`` as pip and conda do (timestamp-based .pyc); return the .pyc's relative path."""
+    import importlib.util
+
+    cfile = Path(importlib.util.cache_from_source(str(source)))
+    py_compile.compile(str(source), cfile=str(cfile), doraise=True, invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
+    prefix = next(p for p in source.parents if (p / "conda-meta").is_dir())
+    return cfile.relative_to(prefix).as_posix()
+
+
+def _package(prefix: Path, name: str, entries: list[tuple[str, str | None]]) -> None:
+    """Record files already written in ``prefix`` as conda package ``name``: a package-cache copy
+    (same bytes, mode and mtime) with ``info/paths.json``, and its ``conda-meta`` record."""
+    pkgs = prefix.parent / f"{prefix.name}-pkgs" / f"{name}-1.0-0"
+    paths = []
+    for rel, mode in entries:
+        content = (prefix / rel).read_bytes()
+        entry = {"_path": rel, "path_type": "hardlink", "sha256": hashlib.sha256(content).hexdigest(), "size_in_bytes": len(content)}
+        if mode:
+            entry.update(prefix_placeholder=str(prefix), file_mode=mode)
+        paths.append(entry)
+        st = os.stat(prefix / rel)
+        _write(pkgs / rel, content, st.st_mode & 0o777)
+        os.utime(pkgs / rel, ns=(st.st_atime_ns, st.st_mtime_ns))
+    _write(pkgs / "info/paths.json", json.dumps({"paths": paths, "paths_version": 1}).encode())
+    record = {
+        "name": name, "version": "1.0", "build": "0", "build_number": 0,
+        "files": [p["_path"] for p in paths],
+        "link": {"source": str(pkgs), "type": 1},
+        "url": f"https://example.invalid/{name}-1.0-0.tar.bz2", "channel": "local",
+    }
+    _write(prefix / f"conda-meta/{name}-1.0-0.json", json.dumps(record).encode())

@@ -143,7 +143,8 @@ def _check_archive(kernel: KernelprovKernel, settings, verify_hash: bool) -> lis
     try:
         manifest = read_manifest(archive)
     except KernelprovError as err:
-        return findings + [Finding(False, "its manifest is unreadable", str(err))]
+        # One sentence naming the sidecar (unreadable, not JSON, wrong shape or types): for this kernel only.
+        return findings + [Finding(False, "its manifest cannot be used", str(err))]
     if manifest is None:
         findings.append(Finding(False, "no manifest: starts are not checked for corruption",
                                 f"`kernelprov install {kernel.name} --archive {archive} --replace` writes one"))

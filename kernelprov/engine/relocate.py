@@ -1,11 +1,16 @@
 """Rewrite the recorded prefix placeholders of an unpacked env: the job of ``conda-unpack``.
 
-Called by :func:`kernelprov.stage.ensure_staged` after extraction, while the env still sits in its
-staging directory. conda-pack embeds its prefix records (path, placeholder, mode) in the archive's
+Called by :func:`kernelprov.engine.unpack.stage_tree` after extraction, while the env still sits in
+its staging directory. conda-pack embeds its prefix records (path, placeholder, mode) in the archive's
 ``bin/conda-unpack`` script as a Python literal; we read that literal with :func:`ast.literal_eval`
 (never executing the script) and rewrite the files in this process. That saves starting a second
 interpreter from a half-made env, works even when the env's python cannot run on its own yet, and
 lets us write the *final* prefix before the env is published by rename.
+
+The tree it leaves is the one GNU tar plus the archive's own ``conda-unpack`` leave (bytes, link
+targets, modes; rewritten files newer, others keeping their mtime), with one deliberate exception:
+an unchecked hash-based ``.pyc`` of a rewritten source is removed (see
+:func:`drop_unchecked_bytecode`). ``tests/test_relocate.py`` compares the two trees entry by entry.
 """
 
 from __future__ import annotations
@@ -13,8 +18,11 @@ from __future__ import annotations
 import ast
 import logging
 import os
+import posixpath
 import re
+import stat
 from pathlib import Path
+from typing import Callable
 
 from .treewriter import normalise_member_name
 from ..errors import RelocateError
@@ -59,36 +67,108 @@ def _is_record(record: object) -> bool:
 def relocate(root: Path, new_prefix: str, records: list[PrefixRecord], *, files: set[str], archive: Path) -> int:
     """Replace each record's placeholder with ``new_prefix`` in the files under ``root``.
 
-    ``root`` is where the env sits now (its staging dir); ``new_prefix`` is where it will be
-    published. Only regular files that the extraction itself wrote (``files``) are touched, so a
-    malicious record cannot make us write outside the env or through a link. File mtimes are kept
-    so Python's ``.pyc`` checks stay valid. Returns the number of files changed.
+    Called by :func:`kernelprov.engine.unpack.stage_tree` after extraction: ``root`` is where the
+    env sits now (its staging dir), ``new_prefix`` where it will be published. Only regular files
+    that the extraction itself wrote (``files``) are touched, so a malicious record cannot make us
+    write outside the env or through a link. The result equals what the archive's own
+    ``conda-unpack`` makes: the same bytes, each file keeps its mode (read-only ones included), and
+    a file that changed gets a new mtime, so Python sees its ``.pyc`` is stale and recompiles just
+    that source; every other file keeps its mtime and its bytecode stays valid. Returns the number
+    of files changed.
     """
     new_bytes = new_prefix.encode()
-    changed = 0
+    rewritten = []
     for path, placeholder, mode in records:
         name = normalise_member_name(path, archive)
         if name not in files:
             log.debug("prefix record %s names no extracted file; skipped", path)
             continue
-        full = os.path.join(root, name)
-        with open(full, "rb") as f:
-            data = f.read()
         old = placeholder.encode()
         if mode == "text":
-            new_data = data.replace(old, new_bytes)
+            changed = _rewrite_in_place(os.path.join(root, name), lambda data: data.replace(old, new_bytes))
         else:
-            new_data = _binary_replace(data, old, new_bytes, name, new_prefix, placeholder)
-        if new_data == data:
-            continue
-        st = os.stat(full)
-        with open(full, "r+b") as f:
+            changed = _rewrite_in_place(
+                os.path.join(root, name), lambda data: _binary_replace(data, old, new_bytes, name, new_prefix, placeholder)
+            )
+        if changed:
+            rewritten.append(name)
+    dropped = drop_unchecked_bytecode(root, rewritten, files)
+    log.debug("relocated %s of %s recorded files to %s (%s unchecked .pyc dropped)", len(rewritten), len(records), new_prefix, dropped)
+    return len(rewritten)
+
+
+def _rewrite_in_place(path: str, transform: Callable[[bytes], bytes]) -> bool:
+    """Rewrite one file through ``transform``, in place as ``conda-unpack`` does (hard links keep
+    sharing it); return whether it changed.
+
+    A file the archive made read-only for its owner is made writable only while it is rewritten
+    and gets its exact mode back, whoever runs this (root ignores the mode bits, others do not).
+    The new mtime is the write's own ("now"), moved one second past the old one when both fall
+    in the same second: a timestamp ``.pyc`` records whole seconds, and an equal-length prefix
+    keeps the size, so an unchanged second would leave the old bytecode "valid".
+    """
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    mode = stat.S_IMODE(st.st_mode)
+    needs_access = mode & 0o600 != 0o600
+    if needs_access:
+        os.chmod(path, mode | 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "r+b") as f:
+            data = f.read()
+            new_data = transform(data)
+            if new_data == data:
+                return False
+            f.seek(0)
             f.write(new_data)
             f.truncate()
-        os.utime(full, ns=(st.st_atime_ns, st.st_mtime_ns))
-        changed += 1
-    log.debug("relocated %s of %s recorded files to %s", changed, len(records), new_prefix)
-    return changed
+            f.flush()
+            written = os.fstat(fd)
+            if written.st_mtime_ns // 10**9 == st.st_mtime_ns // 10**9:
+                os.utime(fd, ns=(written.st_atime_ns, (st.st_mtime_ns // 10**9 + 1) * 10**9))
+        return True
+    finally:
+        if needs_access:
+            os.chmod(path, mode)
+
+
+def drop_unchecked_bytecode(root: Path, rewritten: list[str], files: set[str]) -> int:
+    """Remove the unchecked hash-based ``.pyc`` of each rewritten ``.py`` source; return how many.
+
+    Called by :func:`relocate`. A timestamp ``.pyc`` goes stale through the source's new mtime
+    and a checked hash-based one through its new bytes, but Python never validates an
+    *unchecked* one (PEP 552), so it would run the unrelocated code forever. (conda-unpack leaves
+    it; this is the one place kernelprov's tree differs.) Only files the extraction wrote under
+    the source's ``__pycache__`` are looked at, so this costs nothing for an env without them.
+    """
+    dropped = 0
+    for source in rewritten:
+        if not source.endswith(".py"):
+            continue
+        folder, base = posixpath.split(source)
+        cache_dir = posixpath.join(folder, "__pycache__")
+        stem = base[:-3] + "."
+        try:
+            names = os.listdir(os.path.join(root, cache_dir))
+        except OSError:
+            continue
+        for pyc in names:
+            name = f"{cache_dir}/{pyc}"
+            if not (pyc.startswith(stem) and pyc.endswith(".pyc") and name in files):
+                continue
+            path = os.path.join(root, name)
+            try:
+                with open(path, "rb") as f:
+                    header = f.read(8)
+            except OSError:
+                continue
+            flags = int.from_bytes(header[4:8], "little") if len(header) == 8 else 0
+            if flags & 0b11 == 0b01:  # hash-based, check_source off
+                os.unlink(path)
+                dropped += 1
+    return dropped
 
 
 def _binary_replace(data: bytes, old: bytes, new: bytes, name: str, new_prefix: str, placeholder: str) -> bytes:
