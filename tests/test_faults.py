@@ -90,6 +90,31 @@ def test_disk_full_mid_extraction_cleans_up_and_keeps_staged_envs(small_fs, runn
     assert ensure_staged(tiny_archives["tar.bz2"], cache_root=root).extracted
 
 
+def test_a_disk_filling_mid_stream_is_reported_as_full_not_as_a_damaged_archive(small_fs, tmp_path):
+    # Decompressors report damage as exceptions without an errno; ENOSPC has one. A full disk
+    # while a .tar.zst streams must stay "the disk is full", never "the archive is corrupt".
+    import io
+    import tarfile
+
+    import zstandard
+
+    root = small_fs("size=2m")
+    data = os.urandom(1 << 20) + b"\0" * (3 << 20)  # ~1 MiB compressed, 4 MiB unpacked
+    plain = io.BytesIO()
+    with tarfile.open(fileobj=plain, mode="w") as tar:
+        info = tarfile.TarInfo("lib/data.bin")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    archive = tmp_path / "env.tar.zst"
+    archive.write_bytes(zstandard.ZstdCompressor().compress(plain.getvalue()))
+
+    with pytest.raises(CacheError) as raised:
+        ensure_staged(archive, cache_root=root)
+
+    assert " ran out of space while unpacking env.tar.zst" in str(raised.value)
+    assert _no_staging_left(root) and find_staged(archive, cache_root=root) is None
+
+
 def test_a_full_disk_evicts_idle_envs_to_make_room(small_fs, tiny_archives, copy_archive, runnable_archive):
     root = small_fs("size=400m")
     # Fill the disk with an idle staged env, then ask for one that only fits once it is gone.

@@ -11,19 +11,26 @@ from pytest_jupyter.jupyter_server import *  # noqa: F403 — the server fixture
 
 from kernelprov.cli.app import main
 
+from .archive_damage import corrupt_mid_stream
+
 
 @pytest.fixture
 def broken_kernels(kernel_environ, tiny_archives, copy_archive, capsys):
-    """Kernels whose archive is gone or corrupt; installed before the server starts."""
+    """Kernels whose archive is gone, cut short, or damaged in the middle (same size, so its
+    manifest's size check passes and the zstd stream fails while it is being unpacked);
+    installed before the server starts."""
     missing = copy_archive(tiny_archives["tar.gz"], "gone.tar.gz")
     corrupt = copy_archive(tiny_archives["tar.zst"], "corrupt.tar.zst")
+    damaged = copy_archive(tiny_archives["tar.zst"], "damaged.tar.zst")
     assert main(["install", "gone", "--archive", str(missing)]) == 0
     assert main(["install", "corrupt", "--archive", str(corrupt)]) == 0
+    assert main(["install", "damaged", "--archive", str(damaged)]) == 0
     missing.unlink()
     with open(corrupt, "r+b") as f:
         f.truncate(corrupt.stat().st_size // 2)
+    corrupt_mid_stream(damaged, "tar.zst")
     capsys.readouterr()
-    return {"gone": missing, "corrupt": corrupt}
+    return {"gone": missing, "corrupt": corrupt, "damaged": damaged}
 
 
 def _start_session(jp_fetch, loop, kernel: str):
@@ -36,8 +43,10 @@ def _start_session(jp_fetch, loop, kernel: str):
     ("gone", "The environment archive {archive} does not exist; check the path, or reinstall the kernel with `kernelprov install`."),
     ("corrupt", "{archive} is {size} bytes but its manifest records {recorded}; it may be incomplete or still being "
                 "copied — wait for the copy to finish or re-create it with `kernelprov pack`."),
+    ("damaged", "{archive} is truncated or corrupt (its zstd data is damaged); re-copy it, or re-create it with `kernelprov pack`."),
 ])
-def test_error_starting_kernel_shows_one_actionable_sentence(kernel, expected, broken_kernels, jp_fetch, jp_asyncio_loop):
+def test_error_starting_kernel_shows_one_actionable_sentence(kernel, expected, broken_kernels, jp_fetch, jp_asyncio_loop,
+                                                              cache_root):
     archive = broken_kernels[kernel]
     details = {"archive": archive}
     if kernel == "corrupt":
@@ -49,3 +58,4 @@ def test_error_starting_kernel_shows_one_actionable_sentence(kernel, expected, b
     assert status == 500
     assert reply["message"] == expected.format(**details)
     assert not reply.get("traceback")
+    assert not list(cache_root.glob("kernelprov-*/.staging-*")), "nothing half-made may stay behind"

@@ -6,6 +6,12 @@ format is detected from the file's first bytes (:mod:`.formats`), never trusted 
 tar streams are parsed by :mod:`.tarstream`, the bytes under it flow through :mod:`.streams`, and
 every member is validated and written by :mod:`.treewriter`.
 
+Every failure to read the archive — a decompressor's report of damaged data, a truncated stream,
+an unsafe or oversized header — becomes one :class:`ArchiveError` sentence that names the archive
+and what to do; the decompressors' own texts (``ZstdError``, ``IsalError``...) go to the log only.
+What one extraction may write is bounded (:func:`unpack_limits`): by the manifest when there is
+one, by a ceiling derived from the archive's size otherwise.
+
 Why a hand-written extractor rather than ``tarfile.extractall``: the standard library's
 extraction filters are missing from some interpreters users run (Debian's 3.11.2) and had bypasses
 fixed only in recent patch releases; and extraction is the hot path of a cold kernel start, so
@@ -28,16 +34,92 @@ from typing import BinaryIO, Iterable, Iterator
 
 from ..errors import ArchiveError
 from .formats import detect_format, is_image
-from .streams import CHUNK, HashingReader, ProgressCallback, ReadAhead, decompressor, is_decompression_error
-from .tarstream import TarEntry, TarFormatError, TarStream
-from .treewriter import ExtractResult, Member, TreeWriter, normalise_member_name
+from .streams import (CHUNK, HashingReader, ProgressCallback, ReadAhead, decompression_error_types, decompressor,
+                      is_decompression_error)
+from .tarstream import TarEntry, TarFormatError, TarStream, TarUnsafeError
+from .treewriter import ExtractResult, Member, TreeWriter, UnpackLimits, normalise_member_name, too_long
 
 log = logging.getLogger(__name__)
 
 #: The archive member whose bytes hold conda-pack's prefix records (see relocate.py).
 UNPACK_SCRIPT = "bin/conda-unpack"
+#: The most of that script kept in memory. Its records take ~150 bytes per file with a prefix
+#: (16 MiB: ~110,000 files, more than any env records), and relocate.py's ast.parse of it costs
+#: ~45 times its size, so this also caps that parse at ~700 MB.
+MAX_UNPACK_SCRIPT_BYTES = 16 << 20
+#: Without a manifest an archive may unpack to this many times its own size (conda envs compress
+#: 3-7x; a decompression bomb, thousands of times) ...
+UNPACKED_RATIO_CEILING = 25
+#: ... but always to this much, so that a small genuine env is never refused.
+UNPACKED_FLOOR_CEILING = 256 << 20
+#: What each member costs against that ceiling besides its data (its tar header), so that a
+#: flood of empty entries, which would exhaust inodes and memory, is bounded too.
+ENTRY_COST = 512
+#: What reading a damaged archive raises besides the decompressors' own errors (OSError: gzip and
+#: bz2 report damage as one without an errno; those with an errno are the local disk's).
+_STREAM_ERRORS = (TarFormatError, zipfile.BadZipFile, EOFError, ValueError, OverflowError, NotImplementedError, OSError)
+#: How each format's damage is named in messages.
+_CODECS = {"tar.gz": "gzip", "tar.bz2": "bzip2", "tar.xz": "xz", "tar.zst": "zstd", "tar": "tar", "zip": "zip"}
 
-__all__ = ["ExtractResult", "ProgressCallback", "ScanResult", "UNPACK_SCRIPT", "extract", "normalise_member_name", "scan"]
+__all__ = ["ExtractResult", "ProgressCallback", "ScanResult", "UNPACK_SCRIPT", "UnpackLimits", "extract",
+           "normalise_member_name", "scan", "unpack_limits"]
+
+
+def unpack_limits(archive_size: int, manifest=None, *, ceiling: int = 0) -> UnpackLimits:
+    """How much extracting an archive of ``archive_size`` bytes may write.
+
+    Called by :func:`kernelprov.engine.unpack.stage_tree` before every extraction. With a
+    ``manifest`` (anything with ``unpacked_bytes`` and ``members``), the archive may write no more
+    than it records: the free-space check was made against those numbers, and an archive that
+    writes more is not the one the manifest describes. Without one, ``ceiling`` bytes (0: the
+    automatic :data:`UNPACKED_RATIO_CEILING` times the archive's size, at least
+    :data:`UNPACKED_FLOOR_CEILING`), each entry counting :data:`ENTRY_COST` bytes besides its data.
+    """
+    recorded_bytes = getattr(manifest, "unpacked_bytes", None)
+    recorded_members = getattr(manifest, "members", None)
+    if isinstance(recorded_bytes, int) and recorded_bytes >= 0:
+        members = recorded_members if isinstance(recorded_members, int) and recorded_members >= 0 else None
+        entries = f" in {members} entries" if members is not None else ""
+        return UnpackLimits(
+            max_bytes=recorded_bytes, max_members=members, recorded=f"its manifest records ({recorded_bytes:,} bytes{entries})",
+            remedy="it is damaged or not the archive its manifest describes — re-create it with `kernelprov pack`",
+        )
+    limit = ceiling if ceiling > 0 else max(archive_size * UNPACKED_RATIO_CEILING, UNPACKED_FLOOR_CEILING)
+    return UnpackLimits(
+        max_bytes=limit, entry_cost=ENTRY_COST,
+        recorded=f"{limit:,} bytes, the most kernelprov unpacks from a {archive_size:,}-byte archive without a manifest",
+        remedy="if it is a genuine environment, record its real size with `kernelprov install --archive` "
+        "(which writes its manifest), or re-create it with `kernelprov pack`",
+    )
+
+
+def damaged_archive_error(archive: Path, fmt: str, err: BaseException) -> ArchiveError | None:
+    """The one sentence for an archive whose bytes cannot be read as ``fmt``, or None when
+    ``err`` says nothing about the archive (a full local disk, which the caller explains).
+
+    Called by :func:`extract` and :func:`scan` for every exception out of the stream; the
+    library's own text is logged for the admin, never shown to the researcher.
+    """
+    codec = _CODECS.get(fmt, fmt)
+    if isinstance(err, TarUnsafeError):
+        return ArchiveError(f"Refusing {archive}: {err}; re-create it with `kernelprov pack`.")
+    if isinstance(err, TarFormatError):
+        reason = str(err)
+    elif isinstance(err, zipfile.BadZipFile):
+        reason = "its zip directory or a member's checksum is damaged"
+    elif isinstance(err, NotImplementedError):  # zipfile: a compression method it cannot inflate
+        return ArchiveError(f"Refusing {archive}: a member uses a zip compression method kernelprov cannot read; "
+                            "re-create it with `kernelprov pack`.")
+    elif isinstance(err, EOFError):
+        reason = f"its {codec} data ends early"
+    elif is_decompression_error(err):
+        reason = f"its {codec} data is damaged"
+    elif isinstance(err, (ValueError, OverflowError)):
+        reason = "a member has an invalid field"
+    else:
+        return None
+    log.warning("cannot read %s as %s: %r", archive, fmt, err)
+    return ArchiveError(f"{archive} is truncated or corrupt ({reason}); re-copy it, or re-create it with `kernelprov pack`.")
 
 
 def _second_opinion(entry: TarEntry, dest: str, archive: Path) -> None:
@@ -73,13 +155,19 @@ def _tar_members(stream: BinaryIO, archive: Path, dest: str) -> Iterator[tuple[M
 def _zip_members(zf: zipfile.ZipFile, archive: Path) -> Iterator[tuple[Member, Iterable[bytes] | None]]:
     for info in zf.infolist():
         name = normalise_member_name(info.filename, archive)
+        if info.flag_bits & 0x1:
+            raise ArchiveError(f"Refusing {archive}: member {info.filename!r} is encrypted; re-create it with `kernelprov pack`.")
         unix_mode = info.external_attr >> 16
         mtime = time.mktime(info.date_time + (0, 0, -1))
         if info.is_dir():
             member = Member(name, "dir", unix_mode or 0o755, mtime)
             yield member, None
         elif stat.S_ISLNK(unix_mode):
-            target = zf.read(info).decode("utf-8", "surrogateescape")
+            with zf.open(info) as data:  # a link target is a path: never read more than a path can be
+                target = data.read(4097).decode("utf-8", "surrogateescape")
+            if too_long(target):
+                raise ArchiveError(f"Refusing {archive}: member {info.filename!r} is a link whose target is longer than a path can be; "
+                                   "re-create it with `kernelprov pack`.")
             yield Member(name, "symlink", 0o777, mtime, target), None
         elif stat.S_IFMT(unix_mode) not in (0, stat.S_IFREG):  # many zip writers leave the type unset
             raise ArchiveError(f"Refusing {archive}: member {info.filename!r} is a device, FIFO or other special file.")
@@ -90,20 +178,28 @@ def _zip_members(zf: zipfile.ZipFile, archive: Path) -> Iterator[tuple[Member, I
 
 
 def _write_all(members: Iterator[tuple[Member, Iterable[bytes] | None]], writer: TreeWriter) -> None:
-    """Write every member, keeping conda-pack's unpack script in memory for relocate.py."""
+    """Write every member, keeping conda-pack's unpack script in memory for relocate.py
+    (at most :data:`MAX_UNPACK_SCRIPT_BYTES` of it: the archive says how long it is)."""
     for member, chunks in members:
         if member.name == UNPACK_SCRIPT and member.kind == "file" and chunks is not None:
+            if member.size > MAX_UNPACK_SCRIPT_BYTES:
+                raise ArchiveError(
+                    f"Refusing {writer.archive}: its {UNPACK_SCRIPT} is {member.size:,} bytes, more than the "
+                    f"{MAX_UNPACK_SCRIPT_BYTES >> 20} MiB any conda-pack env needs; re-create it with `kernelprov pack`."
+                )
             content = b"".join(chunks)
             writer.result.unpack_script = content
             chunks = (content,)
         writer.add(member, chunks)
 
 
-def extract(archive: Path, dest: Path, *, progress: ProgressCallback | None = None) -> ExtractResult:
+def extract(archive: Path, dest: Path, *, progress: ProgressCallback | None = None,
+            limits: UnpackLimits | None = None) -> ExtractResult:
     """Extract ``archive`` into the empty directory ``dest`` and return what was written.
 
-    Called by :func:`kernelprov.engine.unpack.stage_tree` with a private staging directory; on any
-    exception the caller removes ``dest``. Raises :class:`ArchiveError` for unsafe, corrupt or
+    Called by :func:`kernelprov.engine.unpack.stage_tree` with a private staging directory and
+    the :func:`unpack_limits` of the archive (None: the automatic ceiling); on any exception the
+    caller removes ``dest``. Raises :class:`ArchiveError` for unsafe, corrupt, oversized or
     unreadable archives; other ``OSError`` (a full disk) propagate for the caller to explain.
     """
     fmt = detect_format(archive)
@@ -117,7 +213,8 @@ def extract(archive: Path, dest: Path, *, progress: ProgressCallback | None = No
         raise ArchiveError(f"Cannot read the environment archive {archive}: {err.strerror}.") from err
     with raw_file:
         size = os.fstat(raw_file.fileno()).st_size
-        reader = HashingReader(raw_file, size, progress)
+        writer.limits = limits if limits is not None else unpack_limits(size)
+        reader = HashingReader(raw_file, size, progress, archive)
         try:
             if fmt == "zip":
                 # zip needs random access, so the hash costs a second sequential read here.
@@ -130,12 +227,11 @@ def extract(archive: Path, dest: Path, *, progress: ProgressCallback | None = No
                 with ReadAhead(decompressor(fmt, reader)) as stream:
                     _write_all(_tar_members(stream, archive, str(dest)), writer)
                 reader.drain()
-        except (TarFormatError, zipfile.BadZipFile, EOFError, ValueError) as err:
-            raise ArchiveError(f"{archive} is truncated or corrupt ({err}); re-create it with `kernelprov pack`.") from err
-        except OSError as err:
-            if is_decompression_error(err):
-                raise ArchiveError(f"{archive} is truncated or corrupt ({err}); re-create it with `kernelprov pack`.") from err
-            raise
+        except _STREAM_ERRORS + decompression_error_types() as err:
+            damaged = damaged_archive_error(archive, fmt, err)  # None: not the archive's fault (a full disk)
+            if damaged is None:
+                raise
+            raise damaged from err
         writer.finish()
     result.sha256 = reader.sha256.hexdigest()
     log.debug("extracted %s members (%s bytes) from %s", result.members, result.bytes_written, archive)
@@ -199,7 +295,7 @@ def scan(archive: Path, *, progress: ProgressCallback | None = None) -> ScanResu
     members = unpacked = 0
     with open(archive, "rb") as raw_file:
         size = os.fstat(raw_file.fileno()).st_size
-        reader = HashingReader(raw_file, size, progress)
+        reader = HashingReader(raw_file, size, progress, archive)
         try:
             if fmt == "zip":
                 with zipfile.ZipFile(raw_file) as zf:
@@ -215,7 +311,10 @@ def scan(archive: Path, *, progress: ProgressCallback | None = None) -> ScanResu
                             members += 1
                             unpacked += entry.size
             reader.drain()
-        except (TarFormatError, zipfile.BadZipFile, EOFError, ValueError) as err:
-            raise ArchiveError(f"{archive} is truncated or corrupt ({err}); re-create it with `kernelprov pack`.") from err
+        except _STREAM_ERRORS + decompression_error_types() as err:
+            damaged = damaged_archive_error(archive, fmt, err)  # None: not the archive's fault (a full disk)
+            if damaged is None:
+                raise
+            raise damaged from err
     return ScanResult(fmt, size, reader.sha256.hexdigest(), members if not is_image(fmt) else None,
                       unpacked if not is_image(fmt) else None)

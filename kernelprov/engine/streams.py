@@ -7,11 +7,17 @@ decompressors are the fastest installed (ISA-L for gzip, zstandard for zstd).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import lzma
 import queue
 import threading
+import zlib
+from pathlib import Path
 from typing import BinaryIO, Callable
+
+from ..errors import ArchiveError
 
 #: Progress callbacks receive (archive bytes read so far, archive size in bytes). For tar formats they
 #: are called from the read-ahead thread (see :class:`ReadAhead`), so they must be thread-safe.
@@ -21,10 +27,16 @@ CHUNK = 1 << 20
 
 
 class HashingReader(io.RawIOBase):
-    """A read-only file that hashes and counts the bytes it hands to the decompressor."""
+    """A read-only file that hashes and counts the bytes it hands to the decompressor.
 
-    def __init__(self, raw: BinaryIO, total: int, progress: ProgressCallback | None):
+    A failing read of the archive itself (EIO on a network filesystem, a vanished mount) is
+    raised as the one :class:`ArchiveError` sentence naming ``archive``, so that it is never
+    mistaken for a full local disk or shown as a raw ``OSError``.
+    """
+
+    def __init__(self, raw: BinaryIO, total: int, progress: ProgressCallback | None, archive: Path | None = None):
         self._raw = raw
+        self._archive = archive
         self.total = total
         self.done = 0
         self.sha256 = hashlib.sha256()
@@ -35,7 +47,13 @@ class HashingReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:
-        n = self._raw.readinto(buffer)
+        try:
+            n = self._raw.readinto(buffer)
+        except OSError as err:
+            raise ArchiveError(
+                f"Reading the environment archive {self._archive} failed after {self.done} bytes ({err.strerror or err}); "
+                "check the file system it is on, or re-copy it."
+            ) from err
         if n:
             self.sha256.update(memoryview(buffer)[:n])
             self.done += n
@@ -77,18 +95,34 @@ def decompressor(fmt: str, raw: io.RawIOBase) -> BinaryIO:
     return buffered
 
 
-def is_decompression_error(err: OSError) -> bool:
-    """gzip/bz2/lzma and zstandard report corrupt data as OSError/ZstdError without an errno."""
-    if err.errno is not None:
-        return False
+@functools.lru_cache(maxsize=None)
+def decompression_error_types() -> tuple[type[BaseException], ...]:
+    """What each installed decompressor raises for damaged data (none of them is an OSError
+    with an errno): zlib, ISA-L, lzma and zstandard errors, and the end of data mid-stream.
+    Caught by :mod:`.extract` around every stream it reads."""
+    types: list[type[BaseException]] = [zlib.error, lzma.LZMAError, EOFError]
+    try:
+        from isal.isal_zlib import IsalError
+
+        types.append(IsalError)
+    except ImportError:  # pragma: no cover - isal is a dependency, but optional to run
+        pass
     try:
         import zstandard
 
-        if isinstance(err, zstandard.ZstdError):
-            return True
+        types.append(zstandard.ZstdError)
     except ImportError:  # pragma: no cover
         pass
-    return True
+    return tuple(types)
+
+
+def is_decompression_error(err: BaseException) -> bool:
+    """Is ``err`` a decompressor's report of corrupt or truncated data, rather than a failure of
+    the local disk? Called by :mod:`.extract` for every exception out of a stream: gzip and bz2
+    report damage as an ``OSError`` without an errno, the others with their own exception types."""
+    if isinstance(err, decompression_error_types()):
+        return True
+    return isinstance(err, OSError) and err.errno is None
 
 
 class ReadAhead:

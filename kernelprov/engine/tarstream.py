@@ -9,22 +9,44 @@ names, base-256 numbers) and is strict where ``tarfile`` is lenient: a bad check
 ends without its end-of-archive block, or truncated data raise instead of silently ending the
 archive early (which is how conda-pack's corrupt hard-link entries and archives cut at a header
 boundary slip through ``tarfile`` and GNU tar).
+
+It also refuses what lets one archive mean two things to two readers, or exhaust the reader's
+memory (:class:`TarUnsafeError`): pax and long-name headers larger than :data:`MAX_HEADER_BYTES`
+(they are held in memory; a 30 kB ``.tar.zst`` can declare a 1 GiB one), a pax ``size`` that
+disagrees with the header's own size field (TARmageddon, CVE-2025-62518: readers that advance by
+different sizes see different members), links or directories that declare data (``tarfile``
+parses such data as headers, other readers skip it), a global pax header that names or sizes
+members, and negative or non-numeric pax sizes and times.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
 BLOCK = 512
 _CHUNK = 1 << 20
+#: The most a pax ``x``/``g`` or GNU ``L``/``K`` header may hold (and all of them before one
+#: member together): conda-pack writes a few hundred bytes; a path longer than 4 KiB cannot exist.
+MAX_HEADER_BYTES = 4 << 20
+#: The pax keys extraction uses; the others (uid, uname, atime, xattrs...) are dropped unread.
+_PAX_KEYS = frozenset({"path", "linkpath", "size", "mtime"})
+#: The largest size the 12-byte octal field holds: a bigger file needs its size in a pax header.
+_OCTAL_SIZE_LIMIT = 8**11
 _FILE_TYPES = (b"0", b"\0", b"7")
 _KINDS = {b"1": "hardlink", b"2": "symlink", b"5": "dir", b"3": "special", b"4": "special", b"6": "special"}
+_KIND_NAMES = {"hardlink": "hard link", "symlink": "symbolic link", "dir": "directory", "special": "device or FIFO"}
 _POSIX_MAGIC = b"ustar\x0000"
 
 
 class TarFormatError(ValueError):
     """The stream is not a valid tar archive (corrupt, truncated, or an unsupported feature)."""
+
+
+class TarUnsafeError(TarFormatError):
+    """The stream parses, but does what no conda-pack archive does and an attack would: headers
+    too large to hold in memory, or fields that make readers disagree about its members."""
 
 
 @dataclass
@@ -52,25 +74,53 @@ def _number(field: bytes) -> int:
     try:
         return int(digits, 8) if digits else 0
     except ValueError:
-        raise TarFormatError(f"invalid number {digits!r} in a tar header") from None
+        raise TarFormatError("a tar header holds an invalid number") from None
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
-    """Parse "<length> <key>=<value>\\n" records."""
+    """Parse "<length> <key>=<value>\\n" records, keeping only the keys extraction uses."""
     records, pos = {}, 0
     while pos < len(data) and data[pos] != 0:
         space = data.find(b" ", pos)
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            raise TarFormatError("invalid pax header") from None
+        digits = data[pos:space] if space > pos else b""
+        if not digits.isdigit():
+            raise TarFormatError("invalid pax header")
+        length = int(digits)
         record = data[space + 1 : pos + length - 1]
         key, sep, value = record.partition(b"=")
-        if length <= 0 or not sep:
+        if length <= space - pos + 1 or pos + length > len(data) or not sep:
             raise TarFormatError("invalid pax header")
-        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        name = key.decode("utf-8", "surrogateescape")
+        if name.startswith("GNU.sparse."):
+            raise TarFormatError("a member is a sparse file, which conda-pack never writes")
+        if name in _PAX_KEYS:
+            records[name] = value.decode("utf-8", "surrogateescape")
         pos += length
     return records
+
+
+def _pax_size(value: str, header_size: int, name: str) -> int:
+    """The pax ``size`` of ``name``, refused unless it agrees with the header's own size field.
+
+    The two may differ only when the size does not fit the octal field (then writers put 0
+    there); any other disagreement is the TARmageddon smuggling pattern.
+    """
+    if not (value.isascii() and value.isdigit()):
+        raise TarUnsafeError(f"member {name[:200]!r} has an invalid pax size {value[:40]!r}")
+    size = int(value)
+    if size != header_size and not (header_size == 0 and size >= _OCTAL_SIZE_LIMIT):
+        raise TarUnsafeError(f"member {name[:200]!r} has a pax size ({size}) that disagrees with its header's size ({header_size})")
+    return size
+
+
+def _pax_mtime(value: str) -> float:
+    try:
+        mtime = float(value)
+    except ValueError:
+        raise TarFormatError("invalid pax mtime") from None
+    if not math.isfinite(mtime):
+        raise TarFormatError("invalid pax mtime")
+    return mtime
 
 
 class TarStream:
@@ -123,12 +173,16 @@ class TarStream:
             self._take(BLOCK - size % BLOCK)
 
     def entries(self) -> Iterator[tuple[TarEntry, Iterator[memoryview]]]:
+        """Yield each member with an iterator over its data; called once per stream by
+        :mod:`.extract` (extraction and manifest scans). Raises :class:`TarFormatError`."""
         global_pax: dict[str, str] = {}
         pending: dict[str, str] = {}
+        pending_bytes = global_bytes = 0  # extension-header bytes read before this member, and ever
         first = True
         while True:
             if self._available(BLOCK) == 0 and first:
-                raise TarFormatError("the archive is empty")
+                # (zstandard ends a frame cut short without an error: this is how that shows.)
+                raise TarFormatError("the data ends before the first tar header")
             block = self._take(BLOCK)
             if block.count(0) == BLOCK:
                 return  # end-of-archive marker
@@ -140,12 +194,25 @@ class TarStream:
             typeflag = block[156:157]
             size = _number(block[124:136])
             if typeflag in (b"x", b"g", b"L", b"K"):
+                if typeflag == b"g":
+                    global_bytes += size
+                else:
+                    pending_bytes += size
+                held = max(size, pending_bytes, global_bytes)
+                if held > MAX_HEADER_BYTES:
+                    raise TarUnsafeError(
+                        f"its pax or long-name headers declare {held:,} bytes, more than the {MAX_HEADER_BYTES >> 20} MiB "
+                        "such headers may hold"
+                    )
                 data = self._take(size)
                 self._skip_padding(size)
                 if typeflag == b"x":
                     pending.update(_pax_records(data))
                 elif typeflag == b"g":
-                    global_pax.update(_pax_records(data))
+                    records = _pax_records(data)
+                    if records.keys() & {"path", "linkpath", "size"}:
+                        raise TarUnsafeError("a global pax header sets the name or size of every member")
+                    global_pax.update(records)
                 else:
                     pending["path" if typeflag == b"L" else "linkpath"] = _text(data)
                 continue
@@ -153,24 +220,26 @@ class TarStream:
             if block[257:265] == _POSIX_MAGIC and block[345] != 0:
                 name = _text(block[345:500]) + "/" + name
             fields = {**global_pax, **pending}
-            pending = {}
+            pending, pending_bytes = {}, 0
+            name = fields.get("path", name)
             if typeflag in _FILE_TYPES:
                 kind = "file"
             elif typeflag in _KINDS:
                 kind = _KINDS[typeflag]
             else:
-                raise TarFormatError(f"member {fields.get('path', name)!r} uses an unsupported tar entry type {typeflag!r}")
-            try:
-                size = int(fields["size"]) if "size" in fields else size
-                mtime = float(fields["mtime"]) if "mtime" in fields else float(_number(block[136:148]))
-            except ValueError:
-                raise TarFormatError("invalid pax size or mtime") from None
+                raise TarFormatError(f"member {name[:200]!r} uses an unsupported tar entry type {typeflag!r}")
+            if "size" in fields:
+                size = _pax_size(fields["size"], size, name)
+            if size and kind != "file":
+                # tarfile reads such "data" as the next headers, GNU tar skips it: two archives in one.
+                raise TarUnsafeError(f"member {name[:200]!r} is a {_KIND_NAMES[kind]} that declares {size} bytes of data")
+            mtime = _pax_mtime(fields["mtime"]) if "mtime" in fields else float(_number(block[136:148]))
             entry = TarEntry(
-                name=fields.get("path", name),
+                name=name,
                 kind=kind,
                 mode=_number(block[100:108]) & 0o7777,
                 mtime=mtime,
-                size=size if kind == "file" else 0,
+                size=size,
                 linkname=fields.get("linkpath", _text(block[157:257])),
             )
             if kind != "file":

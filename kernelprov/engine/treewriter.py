@@ -2,8 +2,11 @@
 
 Used by :func:`kernelprov.engine.extract.extract` for every member of every format. Each member
 is validated before anything is written (no absolute names, no ``..``, no links leaving the tree,
-nothing written through a link or file; setuid/setgid bits dropped), directories are created once,
-and modes and mtimes are set through the open file descriptor, so nothing is stat'ed twice.
+nothing written through a link or file, hard links only to regular files already written and
+never chmod'ed; setuid/setgid bits dropped), directories are created once, and modes and mtimes
+are set through the open file descriptor, so nothing is stat'ed twice. What an extraction may
+write in all is bounded (:class:`UnpackLimits`), so a decompression bomb is refused before it
+fills the node's disk.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from typing import Iterable
 
 from ..errors import ArchiveError
 
+#: Linux's limits on a whole path and on one of its components, in bytes.
+_PATH_MAX, _NAME_MAX = 4095, 255
+
 
 @dataclass
 class ExtractResult:
@@ -27,6 +33,22 @@ class ExtractResult:
     sha256: str = ""
     files: set[str] = field(default_factory=set)
     unpack_script: bytes | None = None
+
+
+@dataclass(frozen=True)
+class UnpackLimits:
+    """How much one extraction may write, checked as each member arrives, before its data.
+
+    Made by :func:`kernelprov.engine.extract.unpack_limits` from the archive's manifest or, when
+    it has none, from a ceiling. ``max_bytes`` counts file data plus ``entry_cost`` per member (so
+    a flood of empty entries is bounded too); ``recorded`` and ``remedy`` finish the refusal.
+    """
+
+    max_bytes: int | None = None
+    max_members: int | None = None
+    entry_cost: int = 0
+    recorded: str = ""
+    remedy: str = "re-create it with `kernelprov pack`"
 
 
 @dataclass
@@ -48,11 +70,23 @@ def normalise_member_name(name: str, archive: Path) -> str:
     in the prefix records (which come from the archive too and are just as untrusted).
     """
     if "\x00" in name or name.startswith("/") or name.startswith("\\"):
-        raise ArchiveError(f"Refusing {archive}: member {name!r} has an absolute or invalid path.")
+        raise ArchiveError(f"Refusing {archive}: member {shown(name)} has an absolute or invalid path.")
     parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
     if any(p == ".." for p in parts):
-        raise ArchiveError(f"Refusing {archive}: member {name!r} points outside the environment.")
+        raise ArchiveError(f"Refusing {archive}: member {shown(name)} points outside the environment.")
+    if too_long(name) or any(len(p.encode("utf-8", "surrogateescape")) > _NAME_MAX for p in parts):
+        raise ArchiveError(f"Refusing {archive}: member {shown(name)} has a name longer than a file system allows.")
     return "/".join(parts)
+
+
+def too_long(path: str) -> bool:
+    """Is ``path`` longer than Linux allows a path (or a link target) to be?"""
+    return len(path.encode("utf-8", "surrogateescape")) > _PATH_MAX
+
+
+def shown(name: str) -> str:
+    """``repr(name)`` for a message, cut short: a hostile name may be megabytes long."""
+    return repr(name) if len(name) <= 200 else repr(name[:200]) + "..."
 
 
 class TreeWriter:
@@ -65,9 +99,20 @@ class TreeWriter:
         self.dirs: dict[str, tuple[int, float]] = {"": (0o700, 0.0)}
         self.symlinks: set[str] = set()
         self.umask = _current_umask()
+        self.limits = UnpackLimits()
+        self.charged = 0  # bytes counted against limits.max_bytes so far
 
     def _refuse(self, member: Member, why: str) -> ArchiveError:
-        return ArchiveError(f"Refusing {self.archive}: member {member.name!r} {why}.")
+        return ArchiveError(f"Refusing {self.archive}: member {shown(member.name)} {why}.")
+
+    def _charge(self, member: Member) -> None:
+        """Count ``member`` against the limits before anything of it is written."""
+        limits = self.limits
+        self.charged += member.size + limits.entry_cost
+        if (limits.max_members is not None and self.result.members > limits.max_members) or (
+            limits.max_bytes is not None and self.charged > limits.max_bytes
+        ):
+            raise ArchiveError(f"Refusing {self.archive}: it unpacks to more than {limits.recorded}; {limits.remedy}.")
 
     def _ensure_parent(self, member: Member) -> str:
         parent = posixpath.dirname(member.name)
@@ -93,10 +138,13 @@ class TreeWriter:
             self.symlinks.discard(member.name)
 
     def add(self, member: Member, chunks: Iterable[bytes] | None) -> None:
+        """Validate and write one member; called by :func:`.extract.extract` in archive order.
+        Raises :class:`ArchiveError` for an unsafe member or one past :attr:`limits`."""
         if not member.name:
             return  # the archive root itself
-        path = self._ensure_parent(member)
         self.result.members += 1
+        self._charge(member)
+        path = self._ensure_parent(member)
         if member.kind == "dir":
             if member.name in self.result.files or member.name in self.symlinks:
                 raise self._refuse(member, "replaces a file with a directory")
@@ -118,12 +166,15 @@ class TreeWriter:
             os.link(os.path.join(self.root, target), path, follow_symlinks=False)
             self.result.files.add(member.name)
             return
-        # Owner read/write always: relocation rewrites files in place.
-        mode = (member.mode & 0o777) | 0o600
+        # The archive's own mode, read-only included, as GNU tar + conda-unpack leave it
+        # (relocate.py makes a read-only file writable only while it rewrites it).
+        mode = member.mode & 0o777
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
         try:
             written = 0
             for chunk in chunks or ():
+                if written + len(chunk) > member.size:
+                    break  # more data than declared (and charged): refused below as corrupt
                 written += _write_fully(fd, chunk)
             if mode & self.umask:
                 os.fchmod(fd, mode)  # open() applied the umask; restore the archive's mode
@@ -131,17 +182,20 @@ class TreeWriter:
         finally:
             os.close(fd)
         if written != member.size:
-            raise ArchiveError(f"{self.archive} is truncated or corrupt (member {member.name!r} is short); re-create the archive.")
+            raise ArchiveError(
+                f"{self.archive} is truncated or corrupt (member {shown(member.name)} does not hold the "
+                f"{member.size} bytes it declares); re-copy it, or re-create it with `kernelprov pack`."
+            )
         self.result.bytes_written += written
         self.result.files.add(member.name)
 
     def _check_link_target(self, member: Member) -> None:
         target = member.link_target
-        if not target or target.startswith("/") or "\x00" in target:
-            raise self._refuse(member, f"is a link to {target!r} outside the environment")
+        if not target or target.startswith("/") or "\x00" in target or too_long(target):
+            raise self._refuse(member, f"is a link to {shown(target)} outside the environment")
         resolved = posixpath.normpath(posixpath.join(posixpath.dirname(member.name), target))
         if resolved == ".." or resolved.startswith("../"):
-            raise self._refuse(member, f"is a link to {target!r} outside the environment")
+            raise self._refuse(member, f"is a link to {shown(target)} outside the environment")
 
     def finish(self) -> None:
         """Confirm no link chain escapes the tree, then set directory modes and mtimes last."""
@@ -149,7 +203,7 @@ class TreeWriter:
         for name in self.symlinks:
             resolved = os.path.realpath(os.path.join(self.root, name))
             if resolved != real_root and not resolved.startswith(real_root + os.sep):
-                raise ArchiveError(f"Refusing {self.archive}: member {name!r} is a link that resolves outside the environment.")
+                raise ArchiveError(f"Refusing {self.archive}: member {shown(name)} is a link that resolves outside the environment.")
         # Deepest first, so setting a parent's mtime is not undone by touching its children.
         for name in sorted(self.dirs, key=lambda d: d.count("/"), reverse=True):
             if not name:
