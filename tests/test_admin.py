@@ -174,3 +174,41 @@ def test_run_sh_stages_from_outside_the_kernels_working_directory(cli, tiny_arch
     assert not pwned.exists(), "the stager imported argparse.py from the kernel's working directory"
     # It got as far as exec'ing the staged env's python (the tiny env's is a stub), so it staged.
     assert "kernelprov: error" not in result.stderr, result.stderr
+
+
+def _plain_directory_archive(tmp_path: Path) -> Path:
+    """A tar of an ordinary directory: no conda-meta/, no bin/python — a kernel that can never start."""
+    import tarfile
+
+    folder = tmp_path / "just-a-folder"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data/results.csv").write_text("a,b\n1,2\n")
+    archive = tmp_path / "folder.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname=".")
+    return archive
+
+
+def test_install_refuses_an_archive_that_is_no_conda_env(cli, tmp_path, jp_data_dir):
+    archive = _plain_directory_archive(tmp_path)
+    status, _, err = cli("install", "folder", "--archive", str(archive))
+    assert status == 1 and err.count("\n") == 1
+    assert f"{archive} is not a conda-pack environment (it has no bin/python or no conda-meta/)" in err
+    assert not (jp_data_dir / "kernels/folder").exists()
+
+
+def test_doctor_and_the_panel_say_an_archive_is_no_conda_env(cli, tiny_archives, copy_archive, tmp_path, jp_data_dir):
+    # Installed from a good archive, which was later replaced by a folder's tar (manifest and all).
+    from kernelprov.engine.manifest import manifest_for, write_manifest
+    from kernelprov.jupyter.environments import KernelprovEnvironments
+
+    good = copy_archive(tiny_archives["tar.gz"], "env.tar.gz")
+    assert cli("install", "env", "--archive", str(good))[0] == 0
+    plain = _plain_directory_archive(tmp_path)
+    good.write_bytes(plain.read_bytes())
+    write_manifest(good, manifest_for(good))
+
+    status, out, _ = cli("doctor", "env")
+    assert status == 1 and "FIX archive holds no conda env" in out and "not a conda-pack environment" in out
+    problems = next(env for env in KernelprovEnvironments().describe_all() if env["name"] == "env")["problems"]
+    assert any("is not a conda-pack environment" in p for p in problems), problems

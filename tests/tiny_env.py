@@ -38,6 +38,9 @@ def build_tiny_env(prefix: Path) -> Path:
         _write(prefix / rel, content)
         records.append((rel, content, "binary"))
     os.chmod(prefix / "bin/hello", 0o755)
+    # Every conda env has bin/python (kernelprov refuses archives without one); the tiny env's is a
+    # stub, unmanaged like a file pip installed: kernels cannot run from it, tests start none.
+    _write(prefix / "bin/python", b"#!/bin/sh\necho 'the tiny test env has no real python' >&2\nexit 3\n", 0o755)
     os.utime(prefix / "share/tiny/plain.txt", (OLD_MTIME, OLD_MTIME))
     os.symlink("hello", prefix / "bin/hello-link")
 

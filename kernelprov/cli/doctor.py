@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine import cache
-from ..engine.archive import check_allowed
+from ..engine.archive import check_allowed, not_a_conda_env
 from ..engine.formats import detect_format
 from ..engine.inventory import find_staged, user_dirs
 from ..engine.manifest import read_manifest
@@ -154,12 +154,20 @@ def _check_archive(kernel: KernelprovKernel, settings, verify_hash: bool) -> lis
     elif verify_hash:
         from ..engine.extract import scan
 
-        ok = scan(archive).sha256 == manifest.sha256
+        found = scan(archive)
+        ok = found.sha256 == manifest.sha256
         findings.append(Finding(ok, "archive matches its manifest's sha256" if ok else "archive does not match its manifest's sha256",
                                 "" if ok else "it is corrupt or was replaced: re-create it with `kernelprov pack`"))
-    if settings.allowed_archive_roots:
+        if manifest.conda_env is None and found.conda_env is not None:
+            manifest.conda_env = found.conda_env
+    if manifest is not None and manifest.conda_env is False:
+        findings.append(Finding(False, "archive holds no conda env (no bin/python or conda-meta/)", str(not_a_conda_env(archive))))
+    elif manifest is not None and manifest.conda_env:
+        findings.append(Finding(True, "archive is a conda env with bin/python"))
+    allowed = settings.stage_options()["allowed_roots"]
+    if allowed:
         try:
-            check_allowed(archive, settings.allowed_archive_roots)
+            check_allowed(archive, allowed)
             findings.append(Finding(True, "archive is inside the site's allowed archive roots"))
         except KernelprovError as err:
             findings.append(Finding(False, "archive is outside the site's allowed archive roots", str(err)))

@@ -54,3 +54,13 @@ def check_unchanged(archive: Path, before: os.stat_result) -> None:
         raise ArchiveError(f"The environment archive {archive} disappeared while it was being unpacked; try again.") from err
     if (after.st_size, after.st_mtime_ns, after.st_ino) != (before.st_size, before.st_mtime_ns, before.st_ino):
         raise ArchiveError(f"The environment archive {archive} changed while it was being unpacked; try again once it is complete.")
+
+
+def not_a_conda_env(archive: Path) -> ArchiveError:
+    """The one sentence for an archive that holds no conda env (no ``conda-meta/`` or no
+    ``bin/python``): a kernel from it can never start. Raised by ``install``, after staging, and
+    shown by ``doctor`` and the panel (from the manifest's ``conda_env``)."""
+    return ArchiveError(
+        f"{archive} is not a conda-pack environment (it has no bin/python or no conda-meta/); "
+        "pack the env with `kernelprov pack` or conda-pack and install that archive."
+    )

@@ -283,6 +283,13 @@ class ScanResult:
     sha256: str
     members: int | None
     unpacked_bytes: int | None
+    #: Does it look like a conda-pack env (``conda-meta/`` and a ``bin/python``)? None: not listed
+    #: (squashfs images are not opened at scan time).
+    conda_env: bool | None = None
+
+
+#: What makes an archive a runnable conda env: :func:`scan` looks for both among the members.
+PYTHON_MEMBER, CONDA_META_DIR = "bin/python", "conda-meta/"
 
 
 def scan(archive: Path, *, progress: ProgressCallback | None = None) -> ScanResult:
@@ -293,6 +300,7 @@ def scan(archive: Path, *, progress: ProgressCallback | None = None) -> ScanResu
     """
     fmt = detect_format(archive)
     members = unpacked = 0
+    has_python = has_conda_meta = False
     with open(archive, "rb") as raw_file:
         size = os.fstat(raw_file.fileno()).st_size
         reader = HashingReader(raw_file, size, progress, archive)
@@ -300,21 +308,28 @@ def scan(archive: Path, *, progress: ProgressCallback | None = None) -> ScanResu
             if fmt == "zip":
                 with zipfile.ZipFile(raw_file) as zf:
                     for info in zf.infolist():
-                        if normalise_member_name(info.filename, archive):
+                        name = normalise_member_name(info.filename, archive)
+                        if name:
                             members += 1
                             unpacked += info.file_size
+                            has_python = has_python or name == PYTHON_MEMBER
+                            has_conda_meta = has_conda_meta or name.startswith(CONDA_META_DIR)
                 raw_file.seek(0)
             elif not is_image(fmt):
                 with ReadAhead(decompressor(fmt, reader)) as stream:
                     for entry, _chunks in TarStream(stream).entries():
-                        if normalise_member_name(entry.name, archive):
+                        name = normalise_member_name(entry.name, archive)
+                        if name:
                             members += 1
                             unpacked += entry.size
+                            has_python = has_python or name == PYTHON_MEMBER
+                            has_conda_meta = has_conda_meta or name.startswith(CONDA_META_DIR)
             reader.drain()
         except _STREAM_ERRORS + decompression_error_types() as err:
             damaged = damaged_archive_error(archive, fmt, err)  # None: not the archive's fault (a full disk)
             if damaged is None:
                 raise
             raise damaged from err
-    return ScanResult(fmt, size, reader.sha256.hexdigest(), members if not is_image(fmt) else None,
-                      unpacked if not is_image(fmt) else None)
+    listed = not is_image(fmt)
+    return ScanResult(fmt, size, reader.sha256.hexdigest(), members if listed else None,
+                      unpacked if listed else None, (has_python and has_conda_meta) if listed else None)

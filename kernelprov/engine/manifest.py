@@ -40,6 +40,8 @@ class Manifest:
     source_prefix: str | None = None
     dest_prefix: str | None = None  # squashfs images: the mount point baked in at pack time
     created: float | None = None
+    #: Holds ``conda-meta/`` and ``bin/python`` (None: not known, e.g. an image or an old manifest)
+    conda_env: bool | None = None
 
 
 #: A manifest is a few hundred bytes; refuse to read a sidecar that is anything but small.
@@ -58,6 +60,7 @@ _FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "source_prefix": ((str, type(None)), "a path or null"),
     "dest_prefix": ((str, type(None)), "a path or null"),
     "created": ((int, float, type(None)), "a Unix time or null"),
+    "conda_env": ((bool, type(None)), "true, false or null"),
 }
 _REQUIRED = ("format", "size", "sha256")
 
@@ -105,7 +108,7 @@ def _checked(path: Path, data: dict, name: str) -> object:
             raise _invalid(path, f"has no {name!r} field")
         return None
     value = data[name]
-    ok = isinstance(value, types) and not isinstance(value, bool)
+    ok = isinstance(value, types) and (bool in types or not isinstance(value, bool))
     if ok and isinstance(value, (int, float)):
         ok = value >= 0 and (isinstance(value, int) or math.isfinite(value))
     if ok and name == "format":
@@ -158,4 +161,4 @@ def manifest_for(archive: Path, **details) -> Manifest:
     """
     found = scan(archive)
     return Manifest(format=found.format, size=found.size, sha256=found.sha256, members=found.members,
-                    unpacked_bytes=found.unpacked_bytes, created=time.time(), **details)
+                    unpacked_bytes=found.unpacked_bytes, created=time.time(), conda_env=found.conda_env, **details)

@@ -22,6 +22,7 @@ from traitlets.config import LoggingConfigurable
 from ..config import KernelprovConfig
 from ..engine import inventory, stage
 from ..engine.formats import detect_format
+from ..engine.archive import not_a_conda_env
 from ..engine.manifest import read_manifest
 from ..errors import ArchiveError, CacheError, KernelprovError
 from .kernelspecs import KernelprovKernel, find_kernels
@@ -137,6 +138,8 @@ class KernelprovEnvironments(KernelprovConfig):
             manifest = None
         if manifest is not None:
             info.update(format=manifest.format, python_version=manifest.python_version, packages=manifest.packages)
+            if manifest.conda_env is False:
+                problems.append(str(not_a_conda_env(archive)))
             if info["archive_size"] is None:
                 info["archive_size"] = manifest.size
         elif info["archive_size"] is not None:

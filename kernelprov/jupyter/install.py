@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..engine.archive import not_a_conda_env
 from ..engine.formats import DEFAULT_FORMAT, archive_file_name
 from ..engine.pack import describe_archive, pack_env
 from ..errors import KernelspecError
@@ -64,7 +65,8 @@ def install_kernel(
             archive = Path(archive).expanduser().absolute()
             if not archive.is_file():
                 raise KernelspecError(f"The archive {archive} does not exist.")
-            describe_archive(archive)
+            if describe_archive(archive).conda_env is False:
+                raise not_a_conda_env(archive)
             managed = False
         else:
             fmt = fmt or DEFAULT_FORMAT
