@@ -125,3 +125,40 @@ def test_budget_setting_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("KERNELPROV_CACHE_MAX_BYTES", "5e9")
     assert KernelprovConfig().cache_max_bytes == 5_000_000_000
     assert KernelprovConfig().stage_options()["max_bytes"] == 5_000_000_000
+
+
+def test_a_reused_pid_does_not_keep_a_dead_kernels_lease(tiny_archives, copy_archive, cache_root):
+    # A kernel died an hour ago without its flock (no flock on the node); its PID now belongs to
+    # an unrelated process that started long after the lease was written.
+    staged = ensure_staged(copy_archive(tiny_archives["tar.gz"]))
+    _age(staged)
+    leases = cache.lease_dir(staged.prefix)
+    leases.mkdir()
+    with subprocess.Popen(["sleep", "60"]) as unrelated:
+        lease = leases / str(unrelated.pid)
+        lease.touch()
+        an_hour_ago = time.time() - 3600
+        os.utime(lease, (an_hour_ago, an_hour_ago))
+        try:
+            assert cache.count_leases(staged.prefix) == 0
+            assert evict(staged.archive).key == staged.key and not staged.prefix.exists()
+        finally:
+            unrelated.kill()
+
+
+def test_a_marker_dated_in_the_future_can_still_be_evicted(tiny_archives, copy_archive, cache_root):
+    # The clock was stepped back after the env was last used: its marker is dated next year.
+    a, b, c = _versions(copy_archive, tiny_archives, 3)
+    future, explicit = ensure_staged(a), ensure_staged(b)
+    next_year = time.time() + 365 * 86400
+    for staged in (future, explicit):
+        os.utime(cache.marker_path(staged.prefix.parent, staged.key), (next_year, next_year))
+    assert find_staged(b).last_used <= time.time()  # read as used now, never later
+
+    assert [e.key for e in clean()] and not explicit.prefix.exists() and not future.prefix.exists()
+
+    # The size budget re-dates such a marker to now, so it ages (and is evicted) from here on.
+    first = ensure_staged(a)
+    os.utime(cache.marker_path(first.prefix.parent, first.key), (next_year, next_year))
+    ensure_staged(c, max_bytes=1)
+    assert first.prefix.exists() and os.stat(cache.marker_path(first.prefix.parent, first.key)).st_mtime <= time.time()

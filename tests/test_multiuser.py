@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import shutil
 import stat
 import subprocess
@@ -101,9 +102,9 @@ def fresh_root(shared):
     return shared["root"]
 
 
-def run_as(user: str, shared, code: str, *args: str) -> dict:
+def run_as(user: str, shared, code: str, *args: str, **environ: str) -> dict:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(shared["lib"]), "KERNELPROV_CACHE_DIR": str(shared["root"]),
-           "PYTHONDONTWRITEBYTECODE": "1", "HOME": "/nonexistent"}
+           "PYTHONDONTWRITEBYTECODE": "1", "HOME": "/nonexistent", **environ}
     result = subprocess.run([shutil.which("runuser"), "-u", user, "--", SYSTEM_PYTHON, "-c", code, *args],
                             capture_output=True, text=True, env=env, cwd="/", timeout=120)
     assert result.returncode == 0, result.stderr
@@ -160,11 +161,93 @@ def test_a_squatted_cache_dir_is_refused_and_a_private_fallback_works(squat, use
 
     alice = run_as("kpalice", shared, _STAGE, str(shared_archive))
 
-    assert Path(alice["prefix"]).parent == fresh_root / "kernelprov-kpalice.1"
+    fallback = Path(alice["prefix"]).parent
+    assert fallback.parent == fresh_root and re.fullmatch(r"kernelprov-kpalice\.[0-9a-f]{8}", fallback.name)
+    st = os.lstat(fallback)
+    assert st.st_uid == users["kpalice"].pw_uid and stat.S_IMODE(st.st_mode) == 0o700
     assert f"{expected} {reason}; not using it" in alice["stderr"]
     assert os.listdir(decoy) == []  # nothing of alice's went where bob could see it
     if squat != "symlink":
         assert os.listdir(expected) == []
+
+
+_STAGE_TWICE = _STAGE.replace(
+    'print(json.dumps({"prefix": str(ensure_staged(sys.argv[1]).prefix)}))',
+    'first, second = ensure_staged(sys.argv[1]), ensure_staged(sys.argv[1]); '
+    'print(json.dumps({"prefix": str(second.prefix), "first": str(first.prefix), "reused": not second.extracted}))',
+)
+
+
+def test_a_neighbour_cannot_exhaust_the_fallbacks(users, shared, fresh_root, shared_archive):
+    # bob takes the name, every numbered fallback of old, and a heap of random-looking ones.
+    squatted = ["kernelprov-kpalice"] + [f"kernelprov-kpalice.{i}" for i in range(1, 5)]
+    squatted += [f"kernelprov-kpalice.{n:08x}" for n in range(0, 2**32, 2**32 // 200)]
+    run_as("kpbob", shared, "import os, sys, json\nfor name in sys.argv[2:]: os.mkdir(os.path.join(sys.argv[1], name), 0o777)\n"
+           "print(json.dumps({}))", str(fresh_root), *squatted)
+
+    alice = run_as("kpalice", shared, _STAGE_TWICE, str(shared_archive))
+
+    fallback = Path(alice["prefix"]).parent
+    assert fallback.name not in squatted and fallback.name.startswith("kernelprov-kpalice.")
+    assert os.lstat(fallback).st_uid == users["kpalice"].pw_uid
+    assert alice["first"] == alice["prefix"] and alice["reused"]  # found again: by its owner, not its name
+    assert run_as("kpalice", shared, _STAGE, str(shared_archive))["prefix"] == alice["prefix"]
+
+
+def test_a_cache_root_a_neighbour_can_change_is_refused(users, shared, fresh_root, shared_archive):
+    # TMPDIR=/tmp/$USER made first by bob: he could swap alice's private dir for his own env.
+    bobs = fresh_root / "kpalice"
+    bobs.mkdir()
+    os.chmod(bobs, 0o777)
+    os.chown(bobs, users["kpbob"].pw_uid, users["kpbob"].pw_gid)
+
+    alice = run_as("kpalice", shared, _STAGE, str(shared_archive), KERNELPROV_CACHE_DIR=str(bobs))
+
+    assert alice["error"] == (f"The kernelprov cache root {bobs} is unsafe: it is owned by another user (kpbob), so they could "
+                              "replace your environments; set KERNELPROV_CACHE_DIR to a directory on a local disk that only you "
+                              "(or root) can change.")
+    assert os.listdir(bobs) == []
+
+
+@pytest.mark.skipif(not (shutil.which("mksquashfs") and shutil.which("squashfuse") and shutil.which("fusermount3")
+                         and os.path.exists("/dev/fuse")), reason="image mode needs squashfs-tools, squashfuse and fuse3")
+def test_a_squatted_directory_cannot_block_image_mode(users, shared, fresh_root, tiny_env, tmp_path):
+    import conda_pack
+
+    from kernelprov.engine.manifest import manifest_for, write_manifest
+
+    alice = users["kpalice"]
+    # alice's runtime dir, as logind makes /run/user/<uid>: only she can create anything in it.
+    runtime = shared["archives"].parent / "run-kpalice"
+    runtime.mkdir()
+    os.chown(runtime, alice.pw_uid, alice.pw_gid)
+    os.chmod(runtime, 0o700)
+    mount_point = runtime / "kernelprov" / "tiny.a1b2c3.img"  # what `kernelprov pack` bakes for her
+    archive = shared["archives"] / "alice-tiny.squashfs"
+    conda_pack.pack(prefix=str(tiny_env), output=str(archive), format="squashfs", dest_prefix=str(mount_point))
+    os.chmod(archive, 0o644)
+    write_manifest(archive, manifest_for(archive, dest_prefix=str(mount_point)))
+    # bob squats every name in the shared places he can reach.
+    for squat in (fresh_root / "kernelprov-kpalice", fresh_root / "kpalice"):
+        squat.mkdir()
+        os.chown(squat, users["kpbob"].pw_uid, users["kpbob"].pw_gid)
+
+    code = _STAGE.replace('str(ensure_staged(sys.argv[1]).prefix)',
+                          'str(ensure_staged(sys.argv[1]).prefix), "hello": __import__("subprocess").run('
+                          '[ensure_staged(sys.argv[1]).prefix / "bin/hello"], capture_output=True, text=True).stdout')
+    try:
+        staged = run_as("kpalice", shared, code, str(archive), XDG_RUNTIME_DIR=str(runtime))
+        assert "error" not in staged, staged
+        assert staged["prefix"] == str(mount_point) and staged["hello"] == f"hello from {mount_point}\n"
+        target = Path(os.readlink(mount_point))
+        assert target.parent.parent == fresh_root and target.parent.name.startswith("kernelprov-kpalice.")
+        assert os.lstat(mount_point).st_uid == alice.pw_uid
+    finally:
+        run_as("kpalice", shared, "import json; from kernelprov.engine.inventory import clean; clean(); print(json.dumps({}))",
+               XDG_RUNTIME_DIR=str(runtime))
+        with open("/proc/mounts") as mounts:
+            for point in [line.split()[1] for line in mounts if line.split()[1].startswith(str(fresh_root))]:
+                subprocess.run(["fusermount3", "-u", "-z", point], check=False, timeout=30)
 
 
 def test_an_archive_you_cannot_read_gives_a_clear_error(users, shared, fresh_root, shared_archive):

@@ -14,11 +14,13 @@ Modules, from the bottom up:
 ``extract``      ``extract()`` and ``scan()``: archive -> tree, archive -> counts for a manifest
 ``relocate``     rewrites conda-pack's prefix records (what ``conda-unpack`` does)
 ``manifest``     the ``<archive>.manifest.json`` sidecar
-``cache``        the per-user cache dir: layout, markers, locks, leases
+``securedir``    private dirs reached through a trusted chain and held open (fd-relative work)
+``leases``       which envs running kernels use (flock, or PID + start time)
+``cache``        the per-user cache dir: layout, markers, locks, publishing, eviction
 ``space``        free-space checks, LRU eviction, the size budget, disk-full messages
-``image``        squashfs images: copy, mount (squashfuse), unsquashfs
+``image``        squashfs images: copy, mount (squashfuse), unsquashfs, member checks, timeouts
 ``unpack``       stage a tar/zip archive (extract, verify, relocate, publish)
-``image_stage``  stage a squashfs image at its baked mount point
+``image_stage``  check an image's baked mount point, stage it, point that symlink at it
 ``stage``        ``ensure_staged()``: the story of a start (reuse? lock, stage, publish)
 ``inventory``    what is staged on this node: find, list, evict, clean (reads never write)
 ``pack``         pack an env with conda-pack and write its manifest

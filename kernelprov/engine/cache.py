@@ -4,16 +4,21 @@ Called by :mod:`kernelprov.stage` to find a safe place to unpack, and by ``kerne
 list and clean it. Layout under the cache root (``$KERNELPROV_CACHE_DIR``, ``$SLURM_TMPDIR``,
 ``$TMPDIR`` or ``/tmp``)::
 
-    kernelprov-<user>/            0700, owned by the user, never a symlink
-        <key>/                    a staged env (its prefix); key = hash of archive path+size+mtime
+    kernelprov-<user>/            0700, owned by the user, never a symlink (or a private fallback,
+                                  kernelprov-<user>.<random>, when another user squatted the name)
+        <key>/                    a staged env (its prefix), or an image's mount point
         <key>.json                the marker: written last, only a marked env is ever reused
         <key>.lock                serialises staging and eviction of one env across processes
-        <key>.leases/<random>     one per running kernel, flock'ed by it: the env is in use
-        <key>.squashfs            image mode only: the image copy mounted at its baked mount point
+        <key>.leases/<pid>        one per running kernel, flock'ed by it: the env is in use
+        <key>.squashfs            image mode only: the image copy mounted at <key>/
         .staging-<key>-<random>/  extraction in progress (removed on failure or by the next start)
 
-Keys are short on purpose: binary files can only be relocated to a prefix no longer than the
-original env's path.
+A tree's key is a hash of its archive's path, size and mtime; an image's, of its baked mount
+point (:mod:`.image_stage`), whose symlink points at ``<key>/``. Keys are short on purpose:
+binary files can only be relocated to a prefix no longer than the original env's path.
+
+The directory is verified and held open (:class:`.securedir.PrivateDir`); everything that changes
+it — staging dirs, publishing, markers, locks, eviction — works relative to that descriptor.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import hashlib
 import json
 import logging
 import os
-import pwd
+import secrets
 import shutil
 import stat
 import time
@@ -33,20 +38,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from filelock import FileLock, Timeout
-
 from ..errors import CacheError
 from .formats import strip_suffix
-from .image import clear_mount_point
+from .image import detach_mount, is_mounted
+# Leases are their own module; these names stay reachable here, where callers always found them.
+from .leases import LEASE_GRACE_SECONDS, count_leases, lease_dir, prune_leases  # noqa: F401
+from .securedir import PrivateDir, open_private_dir, private_dir_in, user_name
 
 log = logging.getLogger(__name__)
 
 CACHE_ROOT_VARIABLES = ("KERNELPROV_CACHE_DIR", "SLURM_TMPDIR", "TMPDIR")
 MARKER_VERSION = 1
 _KEY_LENGTH = 12
-_FALLBACK_ATTEMPTS = 5
-#: A lease file not named by a PID (older run.sh) counts as held this long even if unlocked.
-LEASE_GRACE_SECONDS = 60.0
+#: How often a waiting start retries a held lock.
+_LOCK_POLL_SECONDS = 0.05
+#: errnos of a filesystem that has no working file locks (NFS without lockd, some FUSE mounts).
+_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+
+
+class LockTimeout(Exception):
+    """Raised by :class:`KeyLock` when the lock stayed held by another process for ``timeout`` s."""
 
 
 def default_cache_root(environ: Mapping[str, str] | None = None, variables: Sequence[str] = CACHE_ROOT_VARIABLES) -> Path:
@@ -63,54 +74,26 @@ def default_cache_root(environ: Mapping[str, str] | None = None, variables: Sequ
     return Path("/tmp")
 
 
-def _user_name() -> str:
-    try:
-        return pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        return str(os.getuid())
+def user_cache_dir(root: Path) -> PrivateDir:
+    """Return this user's private cache directory under ``root``, creating it ``0700``, held open.
 
-
-def _usable(path: Path) -> str | None:
-    """Why ``path`` must not be used as our per-user dir, or None when it is safe."""
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode):
-        return "is a symbolic link"
-    if not stat.S_ISDIR(st.st_mode):
-        return "is not a directory"
-    if st.st_uid != os.getuid():
-        return "is owned by another user"
-    if st.st_mode & 0o077:
-        return "is accessible to other users"
-    return None
-
-
-def user_cache_dir(root: Path) -> Path:
-    """Return this user's private cache directory under ``root``, creating it ``0700``.
-
-    Called at the start of every stage and by ``kernelprov cache``. ``os.mkdir`` never follows a
-    symlink at the final component, and the result is re-checked with ``lstat``: a directory that
-    another user created first (or a symlink planted there) is refused with a warning, and the
-    next candidate name is tried, so a squatter cannot take over or block our kernels.
+    Called at the start of every stage and by ``kernelprov cache``. The root and every directory
+    above it must be changeable by nobody but the user and root (sticky ones such as ``/tmp``
+    excepted); a ``kernelprov-<user>`` that another user created first, or a symlink planted
+    there, is refused with a warning and the user's unguessable private fallback is used instead
+    (:func:`.securedir.private_dir_in`).
     """
-    root = Path(root)
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        return private_dir_in(Path(root), f"kernelprov-{user_name()}", fallback=True)
+    except CacheError:
+        raise
     except OSError as err:
-        raise CacheError(f"Cannot create the kernelprov cache root {root}: {err.strerror}; set KERNELPROV_CACHE_DIR to a writable local directory.") from err
-    base = f"kernelprov-{_user_name()}"
-    for attempt in range(_FALLBACK_ATTEMPTS):
-        candidate = root / (base if attempt == 0 else f"{base}.{attempt}")
-        try:
-            os.mkdir(candidate, 0o700)
-        except FileExistsError:
-            pass
-        except OSError as err:
-            raise CacheError(f"Cannot create a kernelprov cache in {root}: {err.strerror}; set KERNELPROV_CACHE_DIR to a writable local directory.") from err
-        problem = _usable(candidate)
-        if problem is None:
-            return candidate
-        log.warning("kernelprov cache directory %s %s; not using it", candidate, problem)
-    raise CacheError(f"No safe kernelprov cache directory could be made in {root}; set KERNELPROV_CACHE_DIR to a private local directory.")
+        raise CacheError(f"Cannot create a kernelprov cache in {root}: {err.strerror}; set KERNELPROV_CACHE_DIR to a writable local directory.") from err
+
+
+def as_private(user_dir: PrivateDir | Path) -> PrivateDir:
+    """``user_dir`` held open: a :class:`PrivateDir` as is, a path opened and verified first."""
+    return user_dir if isinstance(user_dir, PrivateDir) else open_private_dir(user_dir)
 
 
 def unmarked_keys(user_dir: Path) -> set[str]:
@@ -121,7 +104,7 @@ def unmarked_keys(user_dir: Path) -> set[str]:
     it. Staging dirs of killed stages are found separately (``.staging-<key>-*``).
     """
     keys = set()
-    for path in user_dir.iterdir():
+    for path in Path(user_dir).iterdir():
         key = path.name.removesuffix(".squashfs").removesuffix(".leases")
         if len(key) == _KEY_LENGTH and all(c in "0123456789abcdef" for c in key) and not marker_path(user_dir, key).exists():
             keys.add(key)
@@ -130,7 +113,11 @@ def unmarked_keys(user_dir: Path) -> set[str]:
 
 def archive_key(archive: Path, st: os.stat_result) -> str:
     """Identify one version of an archive: its real path, size and mtime (no read of its bytes)."""
-    identity = f"{os.path.realpath(archive)}\0{st.st_size}\0{st.st_mtime_ns}"
+    return short_hash(f"{os.path.realpath(archive)}\0{st.st_size}\0{st.st_mtime_ns}")
+
+
+def short_hash(identity: str) -> str:
+    """A cache key: the first hex digits of ``identity``'s sha256."""
     return hashlib.sha256(identity.encode()).hexdigest()[:_KEY_LENGTH]
 
 
@@ -149,6 +136,7 @@ class CacheEntry:
     last_used: float
     in_use: int = 0  # running kernels holding a lease; filled in by entries() and count_leases()
     mode: str = "extracted"  # or "mounted": a squashfs image under squashfuse
+    image_sha256: str | None = None  # image mode: which image the baked mount point serves
 
     @property
     def name(self) -> str:
@@ -157,52 +145,78 @@ class CacheEntry:
 
 
 def marker_path(user_dir: Path, key: str) -> Path:
-    return user_dir / f"{key}.json"
+    """Where ``key``'s marker lives (for reading; writers go through the directory's fd)."""
+    return Path(user_dir) / f"{key}.json"
 
 
 def read_marker(user_dir: Path, key: str) -> CacheEntry | None:
-    """Return the entry for ``key`` if its env was published completely, else None."""
+    """Return the entry for ``key`` if its env was published completely, else None.
+
+    A marker dated in the future (the clock was stepped back) counts as used now, never later.
+    """
     path = marker_path(user_dir, key)
     try:
         with open(path) as f:
             data = json.load(f)
-        last_used = os.stat(path).st_mtime
+        last_used = min(os.stat(path).st_mtime, time.time())
     except (OSError, ValueError):
         return None
-    prefix = Path(data.get("prefix") or user_dir / key)
-    if data.get("version") != MARKER_VERSION:
+    if not isinstance(data, dict) or data.get("version") != MARKER_VERSION:
         return None
-    if not os.path.isdir(prefix) and data.get("mode") != "mounted":  # a dead mount is remounted, not forgotten
+    prefix = Path(data.get("prefix") or Path(user_dir) / key)
+    # The env itself is always <user dir>/<key> (an image's baked prefix is a symlink to it, which
+    # a wiped runtime dir may have lost); a dead mount is remounted, not forgotten.
+    # (Never stat a mount here: a hung FUSE daemon would hang the caller.)
+    if data.get("mode") != "mounted" and not os.path.isdir(Path(user_dir) / key):
         return None
-    return CacheEntry(
-        key=key,
-        prefix=prefix,
-        archive=data["archive"],
-        archive_size=data["archive_size"],
-        archive_mtime_ns=data["archive_mtime_ns"],
-        env_bytes=data["env_bytes"],
-        members=data["members"],
-        staged_at=data["staged_at"],
-        last_used=last_used,
-        mode=data.get("mode", "extracted"),
-    )
+    try:
+        return CacheEntry(
+            key=key, prefix=prefix, archive=data["archive"], archive_size=data["archive_size"],
+            archive_mtime_ns=data["archive_mtime_ns"], env_bytes=data["env_bytes"], members=data["members"],
+            staged_at=data["staged_at"], last_used=last_used, mode=data.get("mode", "extracted"),
+            image_sha256=data.get("image_sha256"),
+        )
+    except KeyError:
+        return None
 
 
-def write_marker(user_dir: Path, key: str, **fields) -> None:
+def make_staging(user_dir: PrivateDir, key: str) -> Path:
+    """Create a fresh ``.staging-<key>-<random>`` dir (``0700``) in ``user_dir``; return its path."""
+    for _attempt in range(8):
+        name = f".staging-{key}-{secrets.token_hex(6)}"
+        try:
+            os.mkdir(name, 0o700, dir_fd=user_dir.fd)
+            return user_dir.path / name
+        except FileExistsError:
+            continue
+    raise CacheError(f"Cannot create a staging directory in {user_dir}.")
+
+
+def publish(user_dir: PrivateDir, staged_name: str, key: str) -> Path:
+    """Rename ``staged_name`` (inside ``user_dir``) to ``key``, through the directory's fd."""
+    os.rename(staged_name, key, src_dir_fd=user_dir.fd, dst_dir_fd=user_dir.fd)
+    return user_dir.path / key
+
+
+def write_marker(user_dir: PrivateDir, key: str, **fields) -> None:
     """Publish ``key``: written atomically, and only after its env dir was renamed into place."""
-    path = marker_path(user_dir, key)
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
+    user_dir = as_private(user_dir)
+    tmp = f"{key}.json.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=user_dir.fd)
+    with os.fdopen(fd, "w") as f:
         json.dump({"version": MARKER_VERSION, "staged_at": time.time(), **fields}, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(tmp, f"{key}.json", src_dir_fd=user_dir.fd, dst_dir_fd=user_dir.fd)
 
 
-def touch(user_dir: Path, key: str) -> None:
+def touch(user_dir: PrivateDir | Path, key: str) -> None:
     """Record a use of ``key``: the marker's mtime is its last-used time (for eviction)."""
     try:
-        os.utime(marker_path(user_dir, key))
+        if isinstance(user_dir, PrivateDir):
+            os.utime(f"{key}.json", dir_fd=user_dir.fd, follow_symlinks=False)
+        else:
+            os.utime(marker_path(user_dir, key), follow_symlinks=False)
     except OSError as err:
         log.debug("could not record use of %s: %s", key, err)
 
@@ -210,7 +224,7 @@ def touch(user_dir: Path, key: str) -> None:
 def entries(user_dir: Path) -> list[CacheEntry]:
     """Every published env in ``user_dir`` with its lease count, most recently used first."""
     found = []
-    for path in user_dir.glob("*.json"):
+    for path in Path(user_dir).glob("*.json"):
         entry = read_marker(user_dir, path.stem)
         if entry is not None:
             entry.in_use = count_leases(entry.prefix)
@@ -218,140 +232,149 @@ def entries(user_dir: Path) -> list[CacheEntry]:
     return sorted(found, key=lambda e: e.last_used, reverse=True)
 
 
-def key_lock(user_dir: Path, key: str, timeout: float) -> FileLock:
-    """The lock that serialises staging and eviction of ``key`` across processes on this node."""
-    return FileLock(str(user_dir / f"{key}.lock"), timeout=timeout)
+class KeyLock:
+    """An exclusive ``flock`` on ``<key>.lock`` in the user's dir, opened through its fd.
 
-
-def lease_dir(prefix: Path) -> Path:
-    """Where kernels running from ``prefix`` hold their leases (run.sh: ``$KERNELPROV_ENV.leases``)."""
-    return Path(f"{prefix}.leases")
-
-
-def count_leases(prefix: Path) -> int:
-    """How many kernels hold a lease on the env at ``prefix``. Reads only: stale lease files are
-    not counted, and left for :func:`prune_leases`.
-
-    run.sh writes one lease file per kernel, named by its PID (which ``exec`` hands to the
-    kernel), and holds an exclusive ``flock`` on it that the kernel inherits. A lease counts while
-    its lock is held or its process is alive (between run.sh opening and locking it, or on a node
-    without ``flock``); once the process is gone it is stale at once.
+    Serialises staging and eviction of one env across processes and threads (each use opens its
+    own descriptor). ``timeout`` 0 tries once. A filesystem without locks is refused in one
+    sentence rather than waited on.
     """
-    return sum(held for _path, held in _leases(prefix))
 
+    def __init__(self, user_dir: PrivateDir | Path, key: str, timeout: float):
+        self.user_dir, self.key, self.timeout = as_private(user_dir), key, timeout
+        self._fd = -1
 
-def prune_leases(prefix: Path) -> int:
-    """Remove the stale lease files of the env at ``prefix``; return how many leases are held.
-
-    Called by ``kernelprov cache clean`` (the cache's writers), never by listings.
-    """
-    held = 0
-    for path, is_held in _leases(prefix):
-        if is_held:
-            held += 1
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-    return held
-
-
-def _leases(prefix: Path):
-    """Yield (lease file, held?) for every lease file of ``prefix``; a probe lock is released at once."""
-    try:
-        names = os.listdir(lease_dir(prefix))
-    except FileNotFoundError:
-        return
-    for name in names:
-        path = lease_dir(prefix) / name
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+    def __enter__(self) -> KeyLock:
+        fd = os.open(f"{self.key}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.user_dir.fd)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as err:
+                if err.errno in (errno.EAGAIN, errno.EWOULDBLOCK) and time.monotonic() < deadline:
+                    time.sleep(_LOCK_POLL_SECONDS)
+                    continue
+                os.close(fd)
+                if err.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    raise LockTimeout(self.key) from None
+                if err.errno in _NO_LOCKS:
+                    raise CacheError(
+                        f"The kernelprov cache {self.user_dir} is on a filesystem without file locks ({err.strerror}), which "
+                        "kernelprov needs to stage safely; set KERNELPROV_CACHE_DIR to a directory on a local disk."
+                    ) from err
                 raise
-            yield path, True
-            continue
-        else:
-            yield path, _lease_holder_alive(name, os.fstat(fd).st_mtime)
-        finally:
-            os.close(fd)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)  # closing the only descriptor releases the flock
 
 
-def _lease_holder_alive(name: str, mtime: float) -> bool:
-    """For an unlocked lease file: is the process it names still running?"""
-    if not name.isdigit():
-        return time.time() - mtime < LEASE_GRACE_SECONDS
-    try:
-        os.kill(int(name), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, just not ours to signal
-    return True
+def key_lock(user_dir: PrivateDir | Path, key: str, timeout: float) -> KeyLock:
+    """The lock that serialises staging and eviction of ``key`` across processes on this node."""
+    return KeyLock(user_dir, key, timeout)
 
 
-def try_evict(user_dir: Path, key: str, *, min_idle: float = 0.0) -> CacheEntry | None:
+def try_evict(user_dir: PrivateDir | Path, key: str, *, min_idle: float = 0.0) -> CacheEntry | None:
     """Evict ``key`` unless it is in use, being staged, or was used less than ``min_idle`` s ago.
 
     Returns the evicted entry, or None when it was kept. Called by explicit eviction (CLI,
     panel) and by the size budget; the key's lock is taken so no start can hand it out meanwhile.
+    A marker dated in the future (clock stepped back) is re-dated to now, so it ages from here.
     """
+    user_dir = as_private(user_dir)
     try:
         with key_lock(user_dir, key, timeout=0):
             entry = read_marker(user_dir, key)
             if entry is None:
                 remove_unpublished(user_dir, key)
                 return None
+            _undo_future_date(user_dir, key)
             entry.in_use = count_leases(entry.prefix)
             if entry.in_use or time.time() - entry.last_used < min_idle:
                 return None
             remove_entry(user_dir, key)
             return entry
-    except Timeout:
+    except LockTimeout:
         log.info("not evicting %s: it is being staged right now", key)
         return None
 
 
-def remove_unpublished(user_dir: Path, key: str) -> None:
+def _undo_future_date(user_dir: PrivateDir, key: str) -> None:
+    try:
+        if os.stat(f"{key}.json", dir_fd=user_dir.fd, follow_symlinks=False).st_mtime > time.time() + 1:
+            log.info("the marker of %s is dated in the future (clock stepped back); dating it now", key)
+            os.utime(f"{key}.json", dir_fd=user_dir.fd, follow_symlinks=False)
+    except OSError as err:
+        log.debug("could not check the date of %s: %s", key, err)
+
+
+def remove_unpublished(user_dir: PrivateDir | Path, key: str) -> None:
     """Delete leftovers of ``key`` that no marker vouches for (a killed or failed stage).
 
     Called with the key's lock held, so no other process is staging it right now.
     """
-    for leftover in user_dir.glob(f".staging-{key}-*"):
+    user_dir = as_private(user_dir)
+    for leftover in Path(user_dir).glob(f".staging-{key}-*"):
         log.info("removing leftover staging directory %s", leftover)
-        shutil.rmtree(leftover, ignore_errors=True)
+        remove_name(user_dir, leftover.name)
     if read_marker(user_dir, key) is not None:
         return
-    env_dir = user_dir / key
-    if os.path.lexists(env_dir):
-        log.info("removing unpublished environment %s", env_dir)
-        if os.path.islink(env_dir) or not env_dir.is_dir():
-            os.unlink(env_dir)
-        else:
-            shutil.rmtree(env_dir, ignore_errors=True)
-    shutil.rmtree(lease_dir(env_dir), ignore_errors=True)
-    image_copy = user_dir / f"{key}.squashfs"
-    if os.path.lexists(image_copy):
-        log.info("removing unpublished image copy %s", image_copy)
-        os.unlink(image_copy)
+    for name in (key, f"{key}.leases", f"{key}.squashfs"):
+        if remove_name(user_dir, name):
+            log.info("removing unpublished %s", user_dir / name)
 
 
-def remove_entry(user_dir: Path, key: str) -> None:
-    """Evict a staged env: the marker goes first so that nothing trusts a half-deleted tree."""
-    entry = read_marker(user_dir, key)
-    prefix = entry.prefix if entry is not None else user_dir / key
+def remove_name(user_dir: PrivateDir, name: str) -> bool:
+    """Remove the entry ``name`` of ``user_dir`` (a file, a symlink, a tree, a mount point) through
+    the directory's fd, never following a symlink. Returns whether something was there."""
+    if not name or "/" in name or name in (".", ".."):
+        raise CacheError(f"Refusing to remove {name!r} from {user_dir}: not a plain name.")
+    path = user_dir.path / name
+    if is_mounted(path):
+        detach_mount(path)
     try:
-        os.unlink(marker_path(user_dir, key))
+        st = os.stat(name, dir_fd=user_dir.fd, follow_symlinks=False)
     except FileNotFoundError:
-        pass
-    if entry is not None and entry.mode == "mounted":
-        clear_mount_point(prefix)
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(name, dir_fd=user_dir.fd, onerror=lambda *args: log.warning("could not remove %s: %s", args[1], args[2][1]))
     else:
-        shutil.rmtree(prefix, ignore_errors=True)
-    shutil.rmtree(lease_dir(prefix), ignore_errors=True)
-    image_copy = user_dir / f"{key}.squashfs"
-    if image_copy.exists():
-        image_copy.unlink()
+        os.unlink(name, dir_fd=user_dir.fd)
+    return True
+
+
+def remove_entry(user_dir: PrivateDir | Path, key: str) -> None:
+    """Evict a staged env: the marker goes first so that nothing trusts a half-deleted tree.
+
+    Everything it removes is inside ``user_dir``, reached through its fd; for an image, also the
+    mount point's symlink (only while it still points here) and its leases, in the private dir
+    that holds it.
+    """
+    user_dir = as_private(user_dir)
+    entry = read_marker(user_dir, key)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(f"{key}.json", dir_fd=user_dir.fd)
+    for name in (key, f"{key}.leases", f"{key}.squashfs"):
+        remove_name(user_dir, name)
+    if entry is not None and entry.prefix != user_dir.path / key:
+        _remove_image_link(entry.prefix, user_dir.path / key)
+
+
+def _remove_image_link(link: Path, target: Path) -> None:
+    """Remove an image's baked mount point (a symlink to ``target``) and its lease dir."""
+    try:
+        link_dir = open_private_dir(link.parent, what="image mount point directory")
+    except (CacheError, OSError) as err:
+        log.warning("not removing %s: %s", link, err)
+        return
+    with link_dir:
+        try:
+            if os.readlink(link.name, dir_fd=link_dir.fd) == str(target):
+                os.unlink(link.name, dir_fd=link_dir.fd)
+        except OSError:
+            pass
+        remove_name(link_dir, f"{link.name}.leases")

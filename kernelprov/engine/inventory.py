@@ -13,25 +13,44 @@ import logging
 import os
 from pathlib import Path
 
-from filelock import Timeout
-
-from ..errors import CacheError
-from . import cache, image
+from ..errors import CacheError, KernelprovError
+from . import cache
+from .formats import detect_format, is_image
 
 log = logging.getLogger(__name__)
 
 
-def user_dirs(cache_root: Path | str | None = None) -> list[Path]:
-    """This user's cache dirs on this node: under the cache root, and the one holding image mounts."""
-    dirs = [cache.user_cache_dir(Path(cache_root) if cache_root else cache.default_cache_root())]
-    image_dir = cache.user_cache_dir(image.image_root())
-    return dirs if image_dir in dirs else dirs + [image_dir]
+def user_dirs(cache_root: Path | str | None = None) -> list[cache.PrivateDir]:
+    """This user's cache dirs on this node (one: image mounts live there too since their mount
+    points became symlinks into it)."""
+    return [cache.user_cache_dir(Path(cache_root) if cache_root else cache.default_cache_root())]
 
 
 def staged_entries(cache_root: Path | str | None = None) -> list[cache.CacheEntry]:
     """Every staged env of this user on this node, most recently used first (``kernelprov cache list``)."""
     found = [entry for user_dir in user_dirs(cache_root) for entry in cache.entries(user_dir)]
     return sorted(found, key=lambda e: e.last_used, reverse=True)
+
+
+def _key(archive: Path, st: os.stat_result):
+    """``archive``'s cache key and, for an image, a check that an entry is really its env."""
+    try:
+        image = is_image(detect_format(archive))
+    except (OSError, KernelprovError):
+        image = False
+    if not image:
+        return cache.archive_key(archive, st), None
+    from .image_stage import entry_matches, image_slot
+    from .manifest import read_manifest
+
+    try:
+        manifest = read_manifest(archive)
+        slot = image_slot(archive, manifest)
+    except KernelprovError as err:
+        log.debug("%s cannot be staged here: %s", archive, err)  # staging it says so in one sentence
+        return None, None
+    slot.link_dir.close()
+    return slot.key, lambda entry: entry_matches(entry, archive, st, manifest)
 
 
 def find_staged(archive: Path | str, *, cache_root: Path | str | None = None) -> cache.CacheEntry | None:
@@ -42,10 +61,12 @@ def find_staged(archive: Path | str, *, cache_root: Path | str | None = None) ->
         st = os.stat(archive)
     except OSError:
         return None
-    key = cache.archive_key(archive, st)
+    key, matches = _key(archive, st)
+    if key is None:
+        return None
     for user_dir in user_dirs(cache_root):
         entry = cache.read_marker(user_dir, key)
-        if entry is not None:
+        if entry is not None and (matches is None or matches(entry)):
             entry.in_use = cache.count_leases(entry.prefix)
             return entry
     return None
@@ -57,8 +78,10 @@ def staging_in_progress(archive: Path | str, *, cache_root: Path | str | None = 
     stages it did not start itself."""
     archive = Path(archive).expanduser().absolute()
     try:
-        key = cache.archive_key(archive, os.stat(archive))
+        key, _matches = _key(archive, os.stat(archive))
     except OSError:
+        return None
+    if key is None:
         return None
     for user_dir in user_dirs(cache_root):
         started = [p.stat().st_mtime for p in user_dir.glob(f".staging-{key}-*")]
@@ -67,7 +90,7 @@ def staging_in_progress(archive: Path | str, *, cache_root: Path | str | None = 
         try:
             with cache.key_lock(user_dir, key, timeout=0):
                 return None  # nobody holds the lock: leftovers of a killed stage
-        except Timeout:
+        except cache.LockTimeout:
             return min(started)
     return None
 
@@ -90,7 +113,7 @@ def evict(archive: Path | str, *, cache_root: Path | str | None = None) -> cache
     return gone
 
 
-def _marker_dir(entry: cache.CacheEntry, cache_root) -> Path:
+def _marker_dir(entry: cache.CacheEntry, cache_root) -> cache.PrivateDir:
     return next(d for d in user_dirs(cache_root) if cache.marker_path(d, entry.key).exists())
 
 

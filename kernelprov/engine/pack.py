@@ -16,9 +16,8 @@ import tempfile
 from pathlib import Path
 
 from ..errors import PackError
-from .cache import user_cache_dir
 from .formats import DEFAULT_FORMAT, FORMAT_NAMES, format_from_name, strip_suffix
-from .image import default_mount_point, image_root
+from .image_stage import baked_mount_point
 from .manifest import Manifest, manifest_for, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
@@ -60,8 +59,9 @@ def pack_env(
         raise PackError(f"conda-pack cannot read the environment: {_first_line(err)}{hint}") from err
     dest_prefix = None
     if fmt == "squashfs":
-        # Read-only images are relocated at pack time, to the mount point of the packing user.
-        dest_prefix = str(default_mount_point(strip_suffix(output.name), user_cache_dir(image_root())))
+        # Read-only images are relocated at pack time, to a fresh mount point of the packing user
+        # (a symlink in a directory only they can write; see image_stage).
+        dest_prefix = str(baked_mount_point(strip_suffix(output.name)))
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
     os.close(fd)
     try:

@@ -2,8 +2,9 @@
 
 Called by the provisioner (in a worker thread, at every kernel start), by ``run.sh`` through
 ``kernelprov unpack`` when no provisioner is in play, by ``kernelprov unpack`` for job prologues,
-and by the REST API's pre-warm. It reads as the story of a start: reuse a marked env (a warm
-start is two ``stat`` calls and a marker read); otherwise take the archive's lock, look again,
+and by the REST API's pre-warm. It reads as the story of a start: open the user's private dir
+through a chain of directories nobody else can change (:mod:`.securedir`); reuse a marked env (a
+warm start is that walk, a ``stat`` and a marker read); otherwise take the archive's lock, look again,
 clear what a killed stage left, stage (:mod:`.unpack` for tar/zip, :mod:`.image_stage` for
 squashfs), and keep the cache within its budget (:mod:`.space`). Only a marked env is ever
 reused, so a crash or kill at any point leaves nothing a later start would trust.
@@ -15,8 +16,6 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-from filelock import Timeout
 
 from ..errors import CacheError
 from . import cache, space
@@ -68,58 +67,66 @@ def ensure_staged(
         check_allowed(archive, allowed_roots)
     st = stat_archive(archive)
     root = Path(cache_root) if cache_root else cache.default_cache_root()
-    user_dir = cache.user_cache_dir(root)
-    key = cache.archive_key(archive, st)
-
-    reused = _reuse(user_dir, key, archive, started)
-    if reused is not None:
-        return reused
-
-    image_manifest = None
-    if is_image(detect_format(archive)):
-        from .image_stage import image_user_dir
-        from .manifest import read_manifest
-
-        # Image mode keeps its marker beside the image's baked mount point, not in cache_root.
-        image_manifest = read_manifest(archive)
-        user_dir = image_user_dir(archive, image_manifest)
+    with cache.user_cache_dir(root) as user_dir:
+        key = cache.archive_key(archive, st)
         reused = _reuse(user_dir, key, archive, started)
         if reused is not None:
             return reused
-    try:
-        with cache.key_lock(user_dir, key, lock_timeout):
-            reused = _reuse(user_dir, key, archive, started)  # another process may just have staged it
+        slot = image_manifest = None
+        if is_image(detect_format(archive)):
+            from .image_stage import image_slot
+            from .manifest import read_manifest
+
+            # An image's key is its checked baked mount point, which its lock and marker share.
+            image_manifest = read_manifest(archive)
+            slot = image_slot(archive, image_manifest)
+            key = slot.key
+            reused = _reuse(user_dir, key, archive, started, slot=slot, st=st, manifest=image_manifest)
             if reused is not None:
                 return reused
-            cache.remove_unpublished(user_dir, key)
-            if image_manifest is not None:
-                from .image_stage import stage_image
+        try:
+            with cache.key_lock(user_dir, key, lock_timeout):
+                # another process may just have staged it
+                reused = _reuse(user_dir, key, archive, started, slot=slot, st=st, manifest=image_manifest)
+                if reused is not None:
+                    return reused
+                if slot is not None:
+                    from .image_stage import stage_image
 
-                prefix = stage_image(archive, st, image_manifest, user_dir, key, progress)
-            else:
-                from .unpack import stage_tree
+                    prefix = stage_image(archive, st, image_manifest, user_dir, slot, progress)
+                else:
+                    from .unpack import stage_tree
 
-                prefix = stage_tree(archive, st, user_dir, key, progress)
-    except Timeout:
-        raise CacheError(
-            f"Timed out after {lock_timeout:.0f} s waiting for another process to unpack {archive}; try again, or run `kernelprov cache clean`."
-        ) from None
-    seconds = time.monotonic() - started
+                    cache.remove_unpublished(user_dir, key)
+                    prefix = stage_tree(archive, st, user_dir, key, progress)
+        except cache.LockTimeout:
+            raise CacheError(
+                f"Timed out after {lock_timeout:.0f} s waiting for another process to unpack {archive}; try again, or run `kernelprov cache clean`."
+            ) from None
+        finally:
+            if slot is not None:
+                slot.link_dir.close()
+        seconds = time.monotonic() - started
+        if max_bytes:
+            space.enforce_budget(user_dir, max_bytes, keep=key)
     log.info("staged %s into %s in %.1f s", archive, prefix, seconds)
-    if max_bytes:
-        space.enforce_budget(user_dir, max_bytes, keep=key)
     return StagedEnv(prefix, key, archive, True, seconds)
 
 
-def _reuse(user_dir: Path, key: str, archive: Path, started: float) -> StagedEnv | None:
-    """The published env for ``key`` if it is usable as is (its use recorded), else None."""
+def _reuse(user_dir, key: str, archive: Path, started: float, *, slot=None, st=None, manifest=None) -> StagedEnv | None:
+    """The published env for ``key`` if it is usable as is (its use recorded), else None.
+
+    For an image (``slot`` given) only the env of this archive, or of a byte-identical copy, and
+    only while its baked mount point still points at a live mount."""
     entry = cache.read_marker(user_dir, key)
     if entry is None:
         return None
-    if entry.mode == "mounted":
-        from .image_stage import still_usable
+    if slot is not None:
+        from .image_stage import entry_matches, still_usable
 
-        if not still_usable(entry):
+        if not (entry_matches(entry, archive, st, manifest) and still_usable(entry, slot, user_dir)):
             return None
+    elif entry.mode == "mounted":
+        return None  # an image's marker under a tree's key: never written by this version
     cache.touch(user_dir, key)
     return StagedEnv(entry.prefix, key, archive, False, time.monotonic() - started)

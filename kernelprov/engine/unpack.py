@@ -10,22 +10,25 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..errors import ArchiveError, CacheError
 from . import cache, space
 from .archive import check_unchanged
-from .extract import ProgressCallback, extract
+from .extract import ProgressCallback, extract, unpack_limits
 from .manifest import read_manifest
 from .relocate import read_prefix_records, relocate
 
 log = logging.getLogger(__name__)
 
 
-def stage_tree(archive: Path, st: os.stat_result, user_dir: Path, key: str, progress: ProgressCallback | None) -> Path:
-    """Extract, verify, relocate and publish one archive at ``user_dir/key``; return that prefix."""
+def stage_tree(archive: Path, st: os.stat_result, user_dir: Path, key: str, progress: ProgressCallback | None,
+               max_unpacked_bytes: int = 0) -> Path:
+    """Extract, verify, relocate and publish one archive at ``user_dir/key``; return that prefix.
+
+    What the extraction may write is bounded by the manifest, or by ``max_unpacked_bytes`` when
+    there is none (0: automatic, see :func:`.extract.unpack_limits`).
+    """
     manifest = read_manifest(archive)
     if manifest is not None and manifest.size != st.st_size:
         raise ArchiveError(
@@ -36,9 +39,11 @@ def stage_tree(archive: Path, st: os.stat_result, user_dir: Path, key: str, prog
         log.warning("%s has no manifest; extracting it without an integrity check", archive)
     space.ensure_space(archive, st, manifest, user_dir, key)
     final = user_dir / key
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{key}-", dir=user_dir))
+    user_dir = cache.as_private(user_dir)
+    staging = cache.make_staging(user_dir, key)
     try:
-        result = extract(archive, staging, progress=progress)
+        limits = unpack_limits(st.st_size, manifest, ceiling=max_unpacked_bytes)
+        result = extract(archive, staging, progress=progress, limits=limits)
         check_unchanged(archive, st)
         if manifest is not None:
             if result.sha256 != manifest.sha256:
@@ -52,16 +57,16 @@ def stage_tree(archive: Path, st: os.stat_result, user_dir: Path, key: str, prog
             relocate(staging, str(final), records, files=result.files, archive=archive)
         else:
             log.warning("%s has no bin/conda-unpack; using it without relocation", archive)
-        os.chmod(staging, 0o755)
-        os.rename(staging, final)
+        os.chmod(staging.name, 0o755, dir_fd=user_dir.fd)
+        cache.publish(user_dir, staging.name, key)  # through the dir's fd: no path swap can redirect it
     except OSError as err:
-        shutil.rmtree(staging, ignore_errors=True)
+        cache.remove_name(user_dir, staging.name)
         if space.is_disk_full(err):
             needed = manifest.unpacked_bytes if manifest is not None else None
             raise space.disk_full_error(user_dir, archive, err, needed=needed) from err
         raise CacheError(f"Unpacking {archive} into {user_dir} failed: {err}.") from err
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        cache.remove_name(user_dir, staging.name)
         raise
     cache.write_marker(
         user_dir,
