@@ -105,6 +105,27 @@ class KernelprovConfig(LoggingConfigurable):
             raise TraitError("cache_max_bytes must be 0 (no budget) or a positive number of bytes")
         return proposal["value"]
 
+    max_unpacked_bytes = Int(
+        config=True,
+        help="""Most bytes an archive without a manifest may unpack to (an archive with one may write
+        no more than it records); 0 means automatic: 25 times the archive's size, at least 256 MiB.
+        Default: $KERNELPROV_MAX_UNPACKED_BYTES, else 0.""",
+    )
+
+    @default("max_unpacked_bytes")
+    def _max_unpacked_bytes_default(self) -> int:
+        value = _from_environment("KERNELPROV_MAX_UNPACKED_BYTES", lambda text: int(float(text)),
+                                  "a number of bytes (0: automatic)")
+        if value is not None and value < 0:
+            raise ConfigError(f"KERNELPROV_MAX_UNPACKED_BYTES={value} must be 0 (automatic) or a positive number of bytes; fix it or unset it.")
+        return value or 0
+
+    @validate("max_unpacked_bytes")
+    def _validate_max_unpacked_bytes(self, proposal) -> int:
+        if proposal["value"] < 0:
+            raise TraitError("max_unpacked_bytes must be 0 (automatic) or a positive number of bytes")
+        return proposal["value"]
+
     allowed_archive_roots = List(
         Unicode(),
         config=True,
@@ -146,7 +167,7 @@ class KernelprovConfig(LoggingConfigurable):
     def stage_options(self) -> dict:
         """Keyword arguments for :func:`kernelprov.engine.stage.ensure_staged` from these settings."""
         return {"cache_root": self.cache_dir, "lock_timeout": self.lock_timeout, "max_bytes": self.cache_max_bytes,
-                "allowed_roots": self.effective_allowed_roots()}
+                "allowed_roots": self.effective_allowed_roots(), "max_unpacked_bytes": self.max_unpacked_bytes}
 
 
 def _from_environment(variable: str, parse, expected: str):

@@ -152,7 +152,8 @@ CASES = [
     Case("hardlink-changes-no-mode",
          "Unaffected: a hard link asking for mode 6777 to an env file; kernelprov never chmods "
          "a hard link, so the file it shares keeps its 0644 (and no setuid bit).",
-         lambda o: tar(file("bin/tool"), hardlink("bin/tool-s", "bin/tool", mode=0o6777)),
+         lambda o: tar(file("bin/python", b"#!/bin/sh\n", 0o755), file("bin/tool"),
+                       hardlink("bin/tool-s", "bin/tool", mode=0o6777)),
          None, _tool_mode_kept),
     Case("empty-dir-dotdot",
          "CVE-2026-19672: an empty directory member whose name climbs out.",

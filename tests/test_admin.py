@@ -212,3 +212,15 @@ def test_doctor_and_the_panel_say_an_archive_is_no_conda_env(cli, tiny_archives,
     assert status == 1 and "FIX archive holds no conda env" in out and "not a conda-pack environment" in out
     problems = next(env for env in KernelprovEnvironments().describe_all() if env["name"] == "env")["problems"]
     assert any("is not a conda-pack environment" in p for p in problems), problems
+
+
+def test_staging_refuses_an_archive_without_bin_python(tmp_path, cache_root):
+    # No manifest to warn at install (made elsewhere, used directly): the start itself says so,
+    # instead of run.sh failing on a missing bin/python and the restarter retrying 5 times.
+    from kernelprov.engine.inventory import find_staged
+
+    archive = _plain_directory_archive(tmp_path)
+    with pytest.raises(ArchiveError, match="is not a conda-pack environment"):
+        ensure_staged(archive)
+    assert find_staged(archive) is None
+    assert not [p for p in cache_root.rglob("*") if p.is_dir() and (p / "data").exists()]

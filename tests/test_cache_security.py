@@ -143,3 +143,23 @@ def _me() -> str:
     import pwd
 
     return pwd.getpwuid(os.getuid()).pw_name
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="strace injects ENOSPC into the marker's fsync")
+def test_a_disk_that_fills_at_the_marker_write_gives_one_sentence_and_frees_the_env(tiny_archives, cache_root):
+    # The env is complete, then the disk fills exactly while its marker is written (the one fsync
+    # of a stage): one sentence naming the cache, and the complete-but-unmarked env is not left
+    # on the full disk.
+    code = ("import sys; from kernelprov.engine.stage import ensure_staged; from kernelprov.errors import KernelprovError\n"
+            "try:\n    ensure_staged(sys.argv[1])\nexcept KernelprovError as err:\n    print(err); sys.exit(3)")
+    result = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=fsync", "-e", "inject=fsync:error=ENOSPC",
+                             sys.executable, "-c", code, str(tiny_archives["tar.gz"])],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stderr[-2000:]
+    message = result.stdout.strip()
+    assert "\n" not in message and "Errno" not in message and ".json.tmp" not in message, message
+    assert str(cache_root) in message and "ran out of space" in message, message
+    user_dir = cache_root / f"kernelprov-{_me()}"
+    left = [p.name for p in user_dir.iterdir() if not p.name.startswith(".")]
+    assert not [n for n in left if not n.endswith(".lock")], left
+    assert find_staged(tiny_archives["tar.gz"]) is None

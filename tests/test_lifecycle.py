@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from jupyter_client.manager import AsyncKernelManager
@@ -162,3 +163,37 @@ def test_a_marker_dated_in_the_future_can_still_be_evicted(tiny_archives, copy_a
     os.utime(cache.marker_path(first.prefix.parent, first.key), (next_year, next_year))
     ensure_staged(c, max_bytes=1)
     assert first.prefix.exists() and os.stat(cache.marker_path(first.prefix.parent, first.key)).st_mtime <= time.time()
+
+
+def test_an_env_is_leased_before_it_is_handed_to_a_starting_kernel(tiny_archives, copy_archive, cache_root, capsys):
+    # Between staging and run.sh's own flock a kernel held no lease, and an Evict (or cache clean)
+    # in that window deleted the env under it. Now the lease is taken under the key lock, before
+    # ensure_staged returns: for the provisioner (its server PID + kernel id) and for run.sh
+    # (`kernelprov unpack --lease $$`).
+    import subprocess as sp
+
+    from kernelprov.cli.app import main as cli
+    from kernelprov.engine.inventory import clean, evict
+    from kernelprov.engine.leases import release_lease
+    from kernelprov.engine.stage import ensure_staged
+    from kernelprov.errors import CacheError
+
+    archive = copy_archive(tiny_archives["tar.gz"])
+    staged = ensure_staged(archive, lease=f"{os.getpid()}.kernel-1")
+    assert staged.lease is not None and staged.lease.exists()
+    with pytest.raises(CacheError, match="in use by 1 running kernel"):
+        evict(archive)
+    assert clean() == [] and staged.prefix.exists()
+    release_lease(staged.lease)  # the provisioner's cleanup once its kernel is gone
+    assert evict(archive).key == staged.key and not staged.prefix.exists()
+
+    # run.sh's way: a shell (the future kernel) stages through the CLI with its own PID.
+    shell = sp.Popen(["sleep", "60"])
+    try:
+        assert cli(["unpack", "--quiet", "--lease", str(shell.pid), str(archive)]) == 0
+        prefix = Path(capsys.readouterr().out.strip())
+        assert clean() == [] and prefix.exists()
+    finally:
+        shell.kill()
+        shell.wait()
+    assert [e.prefix for e in clean()] == [prefix]  # its process is gone: the lease no longer holds

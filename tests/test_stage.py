@@ -55,6 +55,8 @@ def test_zip_sources_get_their_bytecode_mtime_back(tmp_path, cache_root):
         source.write_text(text)
         os.utime(source, (1_600_000_001, 1_600_000_001))
         py_compile.compile(str(source), cfile=importlib.util.cache_from_source(str(source)), doraise=True)
+    (tree / "bin").mkdir()
+    (tree / "bin/python").write_text("#!/bin/sh\n")  # staging refuses an env without one
     (tree / "lib/stale.py").write_text("y = 22\n")  # edited after compiling: a different size
     os.utime(tree / "lib/stale.py", (1_600_000_001, 1_600_000_001))
     archive = tmp_path / "env.zip"

@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     unpack = sub.add_parser("unpack", help="stage an archive now and print its prefix (pre-warm)")
     unpack.add_argument("archive")
     unpack.add_argument("-q", "--quiet", action="store_true", help="print only the prefix")
+    unpack.add_argument("--lease", type=int, metavar="PID",
+                        help="lease the env for process PID before printing it (run.sh passes its own $$)")
 
     cache = sub.add_parser("cache", help="inspect or clean this user's node-local cache")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
@@ -132,8 +134,9 @@ def _stage(args, archive: str, quiet: bool = False):
     from ..engine.stage import ensure_staged
 
     settings = _settings(args)
+    lease = getattr(args, "lease", None)
     with _progress(f"Unpacking {Path(archive).name}", not quiet) as progress:
-        return ensure_staged(archive, progress=progress, **settings.stage_options())
+        return ensure_staged(archive, progress=progress, lease=str(lease) if lease else None, **settings.stage_options())
 
 
 def _cmd_install(args) -> int:

@@ -77,9 +77,10 @@ def _leases(prefix: Path):
 
 def _holder_alive(name: str, written: float) -> bool:
     """For an unlocked lease file written at ``written``: is the process that wrote it running?"""
-    if not name.isdigit():
+    pid_text = name.split(".", 1)[0]  # run.sh: "<pid>"; a provisioner: "<pid>.<kernel id>"
+    if not pid_text.isdigit():
         return time.time() - written < LEASE_GRACE_SECONDS
-    pid = int(name)
+    pid = int(pid_text)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -100,3 +101,26 @@ def process_start_time(pid: int) -> float | None:
         return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError, StopIteration):
         return None
+
+
+def write_lease(prefix: Path, name: str) -> Path:
+    """Create the lease file ``name`` (``"<pid>"`` or ``"<pid>.<tag>"``) for the env at ``prefix``.
+
+    Called by :func:`.stage.ensure_staged` under the env's key lock when its caller asks for a
+    lease (the provisioner for its kernel; ``kernelprov unpack --lease PID`` for run.sh), so no
+    eviction can fall between handing out the env and the kernel taking its own flock. The lease
+    counts while that PID lives (and is the process that was running when it was written)."""
+    directory = lease_dir(prefix)
+    directory.mkdir(mode=0o700, exist_ok=True)
+    path = directory / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+    os.utime(path)
+    return path
+
+
+def release_lease(path: Path | None) -> None:
+    """Remove a lease written by :func:`write_lease` (its kernel is gone for good)."""
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)

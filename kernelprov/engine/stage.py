@@ -12,6 +12,7 @@ reused, so a crash or kill at any point leaves nothing a later start would trust
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from . import cache, space
 from .archive import check_allowed, stat_archive
 from .extract import ProgressCallback
 from .formats import detect_format, is_image
+from .leases import write_lease
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,8 @@ class StagedEnv:
     archive: Path
     extracted: bool  # True when this call unpacked it; False when it reused a staged copy
     seconds: float
+    #: The lease taken for the caller (``lease=`` of :func:`ensure_staged`), else None
+    lease: Path | None = None
 
     @property
     def python(self) -> Path:
@@ -52,15 +56,56 @@ def ensure_staged(
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     max_bytes: int = 0,
     allowed_roots: list[str] | None = None,
+    max_unpacked_bytes: int = 0,
+    lease: str | None = None,
 ) -> StagedEnv:
     """Return the staged env for ``archive``, unpacking it into the user's cache if needed.
 
     Safe to call from many processes and threads at once: one extracts, the others wait on the
     archive's lock and then reuse its result. After a fresh unpack, least-recently-used envs that
     no kernel uses are evicted until the cache fits ``max_bytes`` (0: no budget). Archives outside
-    ``allowed_roots`` (when given) are refused. Raises
+    ``allowed_roots`` (when given) are refused. An archive without a manifest may unpack to at most
+    ``max_unpacked_bytes`` (0: automatic). With ``lease`` (a lease file name, ``"<pid>[.<tag>]"``)
+    the env is leased for that process before it is handed out, under the key lock that eviction
+    takes, so no Evict or clean can remove it before the kernel holds its own lease. Raises
     :class:`~kernelprov.errors.KernelprovError` subclasses whose message a researcher can act on.
     """
+    for _attempt in range(3):
+        staged = _stage_once(archive, cache_root=cache_root, progress=progress, lock_timeout=lock_timeout,
+                             max_bytes=max_bytes, allowed_roots=allowed_roots, max_unpacked_bytes=max_unpacked_bytes)
+        if lease is None:
+            return staged
+        taken = _take_lease(staged, lease, cache_root, lock_timeout)
+        if taken is not None:
+            return dataclasses.replace(staged, lease=taken)
+    raise CacheError(f"{staged.archive} was evicted while a kernel was starting from it, three times; try again.")
+
+
+def _take_lease(staged: StagedEnv, name: str, cache_root, lock_timeout: float) -> Path | None:
+    """Lease ``staged`` for ``name`` under its key lock, if it is still published (else None:
+    an eviction won the race, and the caller stages again)."""
+    root = Path(cache_root) if cache_root else cache.default_cache_root()
+    with cache.user_cache_dir(root) as user_dir:
+        try:
+            with cache.key_lock(user_dir, staged.key, lock_timeout):
+                if cache.read_marker(user_dir, staged.key) is None:
+                    return None
+                return write_lease(staged.prefix, name)
+        except cache.LockTimeout:
+            raise CacheError(f"Timed out after {lock_timeout:.0f} s waiting for the lock of {staged.prefix}; try again.") from None
+
+
+def _stage_once(
+    archive: Path | str,
+    *,
+    cache_root: Path | str | None = None,
+    progress: ProgressCallback | None = None,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    max_bytes: int = 0,
+    allowed_roots: list[str] | None = None,
+    max_unpacked_bytes: int = 0,
+) -> StagedEnv:
+    """One pass of :func:`ensure_staged` without the lease: reuse, or lock and stage."""
     started = time.monotonic()
     archive = Path(archive).expanduser().absolute()
     if allowed_roots:
@@ -98,7 +143,7 @@ def ensure_staged(
                     from .unpack import stage_tree
 
                     cache.remove_unpublished(user_dir, key)
-                    prefix = stage_tree(archive, st, user_dir, key, progress)
+                    prefix = stage_tree(archive, st, user_dir, key, progress, max_unpacked_bytes)
         except cache.LockTimeout:
             raise CacheError(
                 f"Timed out after {lock_timeout:.0f} s waiting for another process to unpack {archive}; try again, or run `kernelprov cache clean`."

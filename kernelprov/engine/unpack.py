@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import ArchiveError, CacheError
 from . import cache, space
-from .archive import check_unchanged
+from .archive import check_unchanged, not_a_conda_env
 from .extract import ProgressCallback, extract, unpack_limits
 from .manifest import read_manifest
 from .relocate import read_prefix_records, relocate
@@ -57,6 +57,8 @@ def stage_tree(archive: Path, st: os.stat_result, user_dir: Path, key: str, prog
             relocate(staging, str(final), records, files=result.files, archive=archive)
         else:
             log.warning("%s has no bin/conda-unpack; using it without relocation", archive)
+        if not _has_python(user_dir, staging.name):
+            raise not_a_conda_env(archive)
         os.chmod(staging.name, 0o755, dir_fd=user_dir.fd)
         cache.publish(user_dir, staging.name, key)  # through the dir's fd: no path swap can redirect it
     except OSError as err:
@@ -68,13 +70,31 @@ def stage_tree(archive: Path, st: os.stat_result, user_dir: Path, key: str, prog
     except BaseException:
         cache.remove_name(user_dir, staging.name)
         raise
-    cache.write_marker(
-        user_dir,
-        key,
-        archive=str(archive),
-        archive_size=st.st_size,
-        archive_mtime_ns=st.st_mtime_ns,
-        env_bytes=result.bytes_written,
-        members=result.members,
-    )
+    try:
+        cache.write_marker(
+            user_dir,
+            key,
+            archive=str(archive),
+            archive_size=st.st_size,
+            archive_mtime_ns=st.st_mtime_ns,
+            env_bytes=result.bytes_written,
+            members=result.members,
+        )
+    except OSError as err:
+        # The env is complete but unmarked, so no start would trust it: free its space now.
+        cache.remove_name(user_dir, key)
+        cache.remove_name(user_dir, f"{key}.json.tmp")
+        if space.is_disk_full(err):
+            needed = manifest.unpacked_bytes if manifest is not None else None
+            raise space.disk_full_error(user_dir, archive, err, needed=needed) from err
+        raise CacheError(f"Recording {archive} as staged in {user_dir} failed: {err.strerror}; try again.") from err
     return final
+
+
+def _has_python(user_dir, name: str) -> bool:
+    """Does the staged tree ``name`` hold a ``bin/python`` (file or link) — is it a runnable env?"""
+    try:
+        os.stat(f"{name}/bin/python", dir_fd=user_dir.fd, follow_symlinks=False)
+    except OSError:
+        return False
+    return True

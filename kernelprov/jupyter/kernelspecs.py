@@ -54,11 +54,11 @@ archive={archive}
 # The stager runs isolated (-I): the kernel's working directory, perhaps a shared project folder
 # where anyone can drop an argparse.py, is never on its sys.path, nor are PYTHON* variables read.
 if [ -z "${{KERNELPROV_ENV:-}}" ] || [ "${{KERNELPROV_ARCHIVE:-}}" != "$archive" ]; then
-    KERNELPROV_ENV="$({stager} -I -m kernelprov unpack --quiet "$archive")"
+    KERNELPROV_ENV="$({stager} -I -m kernelprov unpack --quiet --lease $$ "$archive")"
     export KERNELPROV_ENV KERNELPROV_ARCHIVE="$archive"
 fi
 # Lease the env for as long as this kernel (or anything it starts) lives, so eviction never
-# removes an env in use. The lease is named by our PID, which the exec below hands to the kernel,
+# removes an env in use (`unpack --lease $$` already wrote this lease, under the env's lock). The lease is named by our PID, which the exec below hands to the kernel,
 # and flock'ed on an fd the kernel inherits: it dies with the kernel, even on kill -9.
 if [ -d "$KERNELPROV_ENV.leases" ] || {mkdir} -p "$KERNELPROV_ENV.leases" 2>/dev/null; then
     exec 9>"$KERNELPROV_ENV.leases/$$"

@@ -18,6 +18,7 @@ from jupyter_client.provisioning import LocalProvisioner
 from traitlets import CaselessStrEnum, Instance, Unicode, default
 
 from ..config import KernelprovConfig
+from ..engine.leases import release_lease
 from ..engine.stage import StagedEnv, ensure_staged
 from ..errors import KernelprovError
 from . import transport as transports
@@ -96,7 +97,10 @@ class KernelprovProvisioner(KernelprovConfig, LocalProvisioner):  # type: ignore
             )
         self.log.info("kernelprov: staging %s for kernel %s", self.archive, self.kernel_id)
         try:
-            stage = functools.partial(ensure_staged, self.archive, **self.stage_options())
+            # Leased for this server process until the kernel is gone (cleanup): no Evict can fall
+            # between staging and the kernel's own flock in run.sh.
+            stage = functools.partial(ensure_staged, self.archive, lease=f"{os.getpid()}.{self.kernel_id}",
+                                      **self.stage_options())
             self.staged_env = await asyncio.get_running_loop().run_in_executor(_STAGING_THREADS, stage)
         except KernelprovError as err:
             self.log.error("kernelprov: cannot start kernel %s: %s", self.kernel_id, err)
@@ -127,3 +131,5 @@ class KernelprovProvisioner(KernelprovConfig, LocalProvisioner):  # type: ignore
         if not restart:
             transports.remove_socket_dir(self._socket_dir)
             self._socket_dir = None
+            if self.staged_env is not None:
+                release_lease(self.staged_env.lease)
