@@ -14,6 +14,8 @@ started by this module on 127.0.0.1 and stopped by its PID; the users are remove
 
 from __future__ import annotations
 
+import collections
+
 import json
 import os
 import pwd
@@ -231,11 +233,15 @@ def test_every_daemon_server_and_kernel_listens_on_loopback_only(cluster_run):
         pytest.skip("`ss` (iproute2) is not installed: cannot list listening sockets")
     names = {name for _address, process in listening for name in re.findall(r'\("([^"]+)"', process)}
     # munged listens on its unix socket only; "node" is configurable-http-proxy, "batchspawner-si"
-    # the single-user servers. The kernels ("python") listen on no TCP port at all: the provisioner
-    # gives them private IPC sockets (kernelprov/jupyter/transport.py).
+    # the single-user servers. The kernels' ("python") five channels are private IPC sockets
+    # (kernelprov/jupyter/transport.py): the one loopback port each kernel still has is ipykernel's
+    # IOPub pipe for forked subprocesses, hard-coded to TCP, whose messages must carry a random
+    # per-process token (ipykernel/iostream.py) — on TCP transport a kernel listens on six.
     for expected in ("slurmctld", "slurmd", "srun", "node", "jupyterhub", "batchspawner-si"):
         assert expected in names, f"no listening socket of {expected} found: {listening}"
-    assert not any(name.startswith("python") for name in names), f"a kernel listens on TCP: {listening}"
+    kernel_ports = collections.Counter(pid for _address, process in listening
+                                       for name, pid in re.findall(r'\("(python[^"]*)",pid=(\d+)', process))
+    assert kernel_ports and max(kernel_ports.values()) == 1, f"a kernel listens on its channels over TCP: {listening}"
     exposed = [(address, process) for address, process in listening
                if not address.startswith(("127.0.0.1:", "[::1]:", "/"))]
     assert not exposed, f"listening beyond loopback: {exposed}"

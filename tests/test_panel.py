@@ -313,3 +313,39 @@ def _save_screenshot(page, panel, tmp_path: Path) -> None:
     if os.environ.get("KERNELPROV_UPDATE_SCREENSHOT"):
         (REPO / "docs").mkdir(exist_ok=True)
         shutil.copy2(shot, REPO / "docs" / "panel.png")
+
+
+def test_fifteen_envs_scroll_at_the_default_sidebar_width(lab, browser, tmp_path):
+    # A researcher with many envs: at 1440x900 and JupyterLab's default 250 px sidebar, the rows
+    # below the fold must be reachable with the mouse wheel (the panel did not scroll before).
+    from playwright.sync_api import expect
+
+    kernels = Path(lab.environ["JUPYTER_DATA_DIR"]) / "kernels"
+    extra = []
+    context = browser.new_context(viewport={"width": 1440, "height": 900}, color_scheme="light")
+    try:
+        for i in range(13):
+            target = kernels / f"many-{i:02d}"
+            shutil.copytree(kernels / "scratch", target)
+            spec = json.loads((target / "kernel.json").read_text())
+            (target / "kernel.json").write_text(json.dumps({**spec, "display_name": f"Many env {i:02d}"}))
+            extra.append(target)
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(f"{lab.url}/lab?reset&token={lab.token}")
+        page.locator("#jp-main-dock-panel").wait_for()
+        page.locator('.jp-SideBar [data-id="kernelprov-environments"]').click()
+        panel = page.locator("#kernelprov-environments")
+        expect(panel.locator("tbody")).to_have_count(15, timeout=TIMEOUT_MS)
+        assert 240 <= panel.bounding_box()["width"] <= 260  # the default sidebar width
+        last = panel.locator("tbody").last
+        assert last.bounding_box()["y"] > 900, "the last env should start below the fold"
+        panel.locator("tbody").first.hover()
+        for _ in range(20):
+            page.mouse.wheel(0, 600)
+        expect(last).to_be_in_viewport()
+        page.screenshot(path=str(tmp_path / "fifteen-envs-scrolled.png"))
+    finally:
+        context.close()
+        for target in extra:
+            shutil.rmtree(target)

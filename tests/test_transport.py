@@ -110,3 +110,22 @@ def test_a_bad_transport_setting_is_refused_in_one_sentence(monkeypatch):
     monkeypatch.setenv("KERNELPROV_KERNEL_TRANSPORT", "carrier-pigeon")
     with pytest.raises(ConfigError, match="KERNELPROV_KERNEL_TRANSPORT='carrier-pigeon' is not one of ipc, curve, tcp"):
         transport_from_environment()
+
+
+def test_sockets_never_go_under_a_directory_another_user_controls(tmp_path, monkeypatch):
+    # TMPDIR=/tmp/$USER made first by a neighbour: they could swap our socket dir before the
+    # kernel binds there, and sit between the server and the kernel. Sockets go to /tmp instead.
+    import pwd
+
+    from kernelprov.jupyter.transport import socket_parent
+
+    hostile = tmp_path / "made-by-a-neighbour"
+    hostile.mkdir()
+    os.chown(hostile, pwd.getpwnam("nobody").pw_uid, -1)
+    writable = tmp_path / "open-to-all"
+    writable.mkdir()
+    os.chmod(writable, 0o777)
+    monkeypatch.setenv("TMPDIR", str(hostile))
+    for runtime in (str(hostile), str(writable)):
+        monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
+        assert socket_parent() == "/tmp"

@@ -55,13 +55,20 @@ archive={archive}
 # where anyone can drop an argparse.py, is never on its sys.path, nor are PYTHON* variables read.
 if [ -z "${{KERNELPROV_ENV:-}}" ] || [ "${{KERNELPROV_ARCHIVE:-}}" != "$archive" ]; then
     KERNELPROV_ENV="$({stager} -I -m kernelprov unpack --quiet --lease $$ "$archive")"
+    KERNELPROV_LEASE=""
     export KERNELPROV_ENV KERNELPROV_ARCHIVE="$archive"
 fi
 # Lease the env for as long as this kernel (or anything it starts) lives, so eviction never
-# removes an env in use (`unpack --lease $$` already wrote this lease, under the env's lock). The lease is named by our PID, which the exec below hands to the kernel,
-# and flock'ed on an fd the kernel inherits: it dies with the kernel, even on kill -9.
+# removes an env in use. The lease file was written under the env's lock before the env was
+# handed out: by the provisioner ($KERNELPROV_LEASE) or by `unpack --lease $$` (named by our PID,
+# which the exec below hands to the kernel). It is flock'ed on an fd the kernel inherits, so the
+# lock dies with the kernel, even on kill -9.
+case "${{KERNELPROV_LEASE:-}}" in
+    "$KERNELPROV_ENV.leases/"*) lease=$KERNELPROV_LEASE ;;
+    *) lease="$KERNELPROV_ENV.leases/$$" ;;
+esac
 if [ -d "$KERNELPROV_ENV.leases" ] || {mkdir} -p "$KERNELPROV_ENV.leases" 2>/dev/null; then
-    exec 9>"$KERNELPROV_ENV.leases/$$"
+    exec 9>"$lease"
     if [ -x {flock} ]; then {flock} -n 9 || true; fi
 fi
 # Activate as conda-pack's bin/activate does (CONDA_PREFIX, PATH, etc/conda/activate.d/*.sh),

@@ -114,6 +114,7 @@ class KernelprovProvisioner(KernelprovConfig, LocalProvisioner):  # type: ignore
         env.update(
             KERNELPROV_ENV=prefix,
             KERNELPROV_ARCHIVE=str(staged.archive),
+            KERNELPROV_LEASE=str(staged.lease or ""),  # run.sh flocks this one lease: one kernel, one lease
             CONDA_PREFIX=prefix,
             PATH=os.pathsep.join([os.path.join(prefix, "bin"), env.get("PATH", os.defpath)]),
         )

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 import tempfile
 from typing import Any
 
-from ..errors import ConfigError
+from ..engine.securedir import open_trusted_dir
+from ..errors import ConfigError, KernelprovError
 
 TRANSPORTS = ("ipc", "curve", "tcp")
 DEFAULT_TRANSPORT = "ipc"
@@ -47,18 +47,22 @@ def transport_from_environment() -> str:
 
 
 def socket_parent() -> str:
-    """Where private socket dirs are made: ``$XDG_RUNTIME_DIR`` when it is the user's own private
-    dir (a tmpfs that logind removes at logout), else ``/tmp`` (sticky: nobody can move our dir)."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
-    if runtime and os.path.isabs(runtime):
+    """Where private socket dirs are made: ``$XDG_RUNTIME_DIR`` (the user's private tmpfs, removed
+    at logout), else ``/tmp``, whichever first is reached through directories nobody else can
+    change (:func:`~kernelprov.engine.securedir.open_trusted_dir`; a sticky ``/tmp`` is fine).
+    ``$TMPDIR`` is not used: another user may have made it, and could swap our dir before the
+    kernel binds its sockets there."""
+    for candidate in (os.environ.get("XDG_RUNTIME_DIR", ""), "/tmp"):
+        if not os.path.isabs(candidate) or len(candidate) > _MAX_SOCKET_BASE - 30:
+            continue
         try:
-            st = os.lstat(runtime)
-        except OSError:
-            st = None
-        if st is not None and stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077:
-            if len(runtime) < _MAX_SOCKET_BASE - 30:
-                return runtime
-    return tempfile.gettempdir() if len(tempfile.gettempdir()) < _MAX_SOCKET_BASE - 30 else "/tmp"
+            real, fd = open_trusted_dir(candidate, create=False, what="socket directory")
+        except (KernelprovError, OSError):
+            continue
+        os.close(fd)
+        return str(real)
+    raise ConfigError("Neither $XDG_RUNTIME_DIR nor /tmp is a directory only you and root can change; "
+                      "ask your admin, or set KERNELPROV_KERNEL_TRANSPORT=curve.")
 
 
 def prepare(km: Any, transport: str, socket_dir: str | None, launch_kwargs: dict) -> str | None:
