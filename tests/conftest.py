@@ -17,7 +17,7 @@ from kernelprov.cli.app import main
 from kernelprov.cli.demo_env import cached_conda_env
 from kernelprov.engine.pack import pack_env
 
-from .tiny_env import build_tiny_env
+from .tiny_env import build_tiny_env, conda_pack_each
 
 # tests.ci_skips: under CI=true a skipped test fails the run.
 pytest_plugins = ["pytest_jupyter.jupyter_core", "tests.ci_skips"]
@@ -47,15 +47,8 @@ def tiny_env(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_archives(tiny_env, tmp_path_factory) -> dict[str, Path]:
     """The tiny env packed by conda-pack in every format it writes (tar.xz through conda_pack's API)."""
-    import conda_pack
+    return conda_pack_each(tiny_env, tmp_path_factory.mktemp("tiny-archives") / "tiny", TAR_FORMATS, zip_symlinks=True)
 
-    out = tmp_path_factory.mktemp("tiny-archives")
-    archives = {}
-    for fmt in TAR_FORMATS:
-        archive = out / f"tiny.{fmt}"
-        conda_pack.pack(prefix=str(tiny_env), output=str(archive), format=fmt, zip_symlinks=True)
-        archives[fmt] = archive
-    return archives
 
 
 @pytest.fixture(scope="session")

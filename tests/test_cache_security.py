@@ -128,15 +128,20 @@ def test_eviction_removes_only_plain_names_inside_the_dir(tiny_archives, cache_r
 @pytest.mark.skipif(not shutil.which("strace"), reason="strace injects the filesystem's ENOLCK into flock")
 def test_a_cache_without_file_locks_fails_in_one_sentence(tiny_archives, cache_root):
     # What an NFS mount without lockd answers to every flock: ENOLCK, injected into the real syscall.
-    code = ("import sys; from kernelprov.engine.stage import ensure_staged; from kernelprov.errors import KernelprovError\n"
-            "try:\n    ensure_staged(sys.argv[1])\nexcept KernelprovError as err:\n    print(err); sys.exit(3)")
-    result = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=flock", "-e", "inject=flock:error=ENOLCK",
-                             sys.executable, "-c", code, str(tiny_archives["tar.gz"])],
-                            capture_output=True, text=True, timeout=120)
+    result = _stage_with_injected_error(tiny_archives["tar.gz"], "flock", "ENOLCK")
     assert result.returncode == 3, result.stderr[-2000:]
     user_dir = cache_root / f"kernelprov-{_me()}"
     assert result.stdout.strip() == (f"The kernelprov cache {user_dir} is on a filesystem without file locks (No locks available), "
                                      "which kernelprov needs to stage safely; set KERNELPROV_CACHE_DIR to a directory on a local disk.")
+
+
+def _stage_with_injected_error(archive, syscall: str, error: str) -> subprocess.CompletedProcess:
+    """Stage ``archive`` in a child whose every ``syscall`` fails with ``error`` (strace's fault
+    injection into the real syscall); the child prints the KernelprovError and exits 3."""
+    code = ("import sys; from kernelprov.engine.stage import ensure_staged; from kernelprov.errors import KernelprovError\n"
+            "try:\n    ensure_staged(sys.argv[1])\nexcept KernelprovError as err:\n    print(err); sys.exit(3)")
+    return subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", f"trace={syscall}", "-e", f"inject={syscall}:error={error}",
+                           sys.executable, "-c", code, str(archive)], capture_output=True, text=True, timeout=120)
 
 
 def _me() -> str:
@@ -150,11 +155,7 @@ def test_a_disk_that_fills_at_the_marker_write_gives_one_sentence_and_frees_the_
     # The env is complete, then the disk fills exactly while its marker is written (the one fsync
     # of a stage): one sentence naming the cache, and the complete-but-unmarked env is not left
     # on the full disk.
-    code = ("import sys; from kernelprov.engine.stage import ensure_staged; from kernelprov.errors import KernelprovError\n"
-            "try:\n    ensure_staged(sys.argv[1])\nexcept KernelprovError as err:\n    print(err); sys.exit(3)")
-    result = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=fsync", "-e", "inject=fsync:error=ENOSPC",
-                             sys.executable, "-c", code, str(tiny_archives["tar.gz"])],
-                            capture_output=True, text=True, timeout=120)
+    result = _stage_with_injected_error(tiny_archives["tar.gz"], "fsync", "ENOSPC")
     assert result.returncode == 3, result.stderr[-2000:]
     message = result.stdout.strip()
     assert "\n" not in message and "Errno" not in message and ".json.tmp" not in message, message

@@ -4,11 +4,9 @@ yields an env equal, entry for entry (type, mode, bytes, link target), to a clea
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -18,30 +16,14 @@ import pytest
 
 from kernelprov.engine.inventory import find_staged
 
+from .trees import tree
+
 KILLS = int(os.environ.get("KERNELPROV_TEST_KILLS", "30"))
 
 
 def _unpack(archive: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "kernelprov", "unpack", "--quiet", str(archive)],
                           env=env, capture_output=True, text=True, timeout=300)
-
-
-def _tree(prefix: Path) -> dict[str, tuple]:
-    """Every entry under ``prefix``: (type, permission bits, sha256 of bytes or link target)."""
-    entries = {}
-    for root, dirs, files in os.walk(prefix):
-        for name in dirs + files:
-            path = os.path.join(root, name)
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
-                what = ("link", os.readlink(path))
-            elif stat.S_ISDIR(st.st_mode):
-                what = ("dir",)
-            else:
-                with open(path, "rb") as f:
-                    what = ("file", hashlib.sha256(f.read()).hexdigest())
-            entries[os.path.relpath(path, prefix)] = (*what, stat.S_IMODE(st.st_mode))
-    return entries
 
 
 @pytest.mark.slow
@@ -52,7 +34,7 @@ def test_kill_9_at_random_points_never_breaks_the_next_start(runnable_archive, c
     duration = time.monotonic() - started
     assert clean.returncode == 0, clean.stderr
     prefix = Path(clean.stdout.strip())
-    reference = _tree(prefix)
+    reference = tree(prefix, mtimes=False)
     assert len(reference) > 1000 and "bin/python" in "\n".join(reference)
 
     rng = random.Random(int(os.environ.get("KERNELPROV_TEST_SEED", "11")))
@@ -70,9 +52,9 @@ def test_kill_9_at_random_points_never_breaks_the_next_start(runnable_archive, c
         child.wait()
 
         staged = find_staged(runnable_archive, cache_root=cache_root)
-        assert staged is None or _tree(staged.prefix) == reference, f"kill {attempt} at {delay:.2f} s left a trusted, damaged env"
+        assert staged is None or tree(staged.prefix, mtimes=False) == reference, f"kill {attempt} at {delay:.2f} s left a trusted, damaged env"
         again = _unpack(runnable_archive, env)
         assert again.returncode == 0, f"kill {attempt} at {delay:.2f} s: the next start failed: {again.stderr}"
         assert Path(again.stdout.strip()) == prefix
-        assert _tree(prefix) == reference, f"kill {attempt} at {delay:.2f} s: the next start's env differs"
+        assert tree(prefix, mtimes=False) == reference, f"kill {attempt} at {delay:.2f} s: the next start's env differs"
     assert outcomes["killed"] >= KILLS * 2 // 3, outcomes

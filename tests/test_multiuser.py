@@ -18,7 +18,6 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import filelock
 import pytest
 
 import kernelprov
@@ -70,7 +69,6 @@ def shared(tmp_path_factory):
     os.chmod(top, 0o755)
     lib = top / "lib"
     shutil.copytree(Path(kernelprov.__file__).parent, lib / "kernelprov", ignore=shutil.ignore_patterns("__pycache__", "labextension"))
-    shutil.copytree(Path(filelock.__file__).parent, lib / "filelock", ignore=shutil.ignore_patterns("__pycache__"))
     (top / "archives").mkdir()
     root = top / "nodelocal"
     root.mkdir()

@@ -26,7 +26,8 @@ from kernelprov.engine import cache
 from kernelprov.engine.relocate import read_prefix_records, relocate
 from kernelprov.engine.stage import ensure_staged
 
-from .tiny_env import SITE_PACKAGES, build_relocation_env
+from .tiny_env import SITE_PACKAGES, build_relocation_env, conda_pack_each
+from .trees import tree
 
 FORMATS = ("tar.gz", "tar.zst")
 
@@ -40,14 +41,7 @@ def relocation_env(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def relocation_archives(relocation_env, tmp_path_factory) -> dict[str, Path]:
     """The relocation env packed by the real conda-pack (it rewrites shebangs, classifies pip files)."""
-    import conda_pack
-
-    out = tmp_path_factory.mktemp("reloc-archives")
-    archives = {}
-    for fmt in FORMATS:
-        archives[fmt] = out / f"reloc.{fmt}"
-        conda_pack.pack(prefix=str(relocation_env), output=str(archives[fmt]), format=fmt)
-    return archives
+    return conda_pack_each(relocation_env, tmp_path_factory.mktemp("reloc-archives") / "reloc", FORMATS)
 
 
 def pyc_is_valid(source: Path) -> bool:
@@ -88,24 +82,6 @@ def test_same_length_prefix_does_not_keep_stale_bytecode(relocation_env, relocat
     assert (site / "plainmod.py").stat().st_mtime == (relocation_env / SITE_PACKAGES / "plainmod.py").stat().st_mtime
 
 
-def _tree(root: Path) -> dict[str, tuple]:
-    """Every entry under ``root``: (type, mode, bytes or link target), plus the mtime of files."""
-    entries = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = os.path.join(folder, name)
-            st = os.lstat(path)
-            rel = os.path.relpath(path, root)
-            if stat.S_ISLNK(st.st_mode):
-                entries[rel] = ("symlink", None, os.readlink(path), None)
-            elif stat.S_ISDIR(st.st_mode):
-                entries[rel] = ("dir", oct(stat.S_IMODE(st.st_mode)), None, None)
-            else:
-                assert stat.S_ISREG(st.st_mode), rel
-                entries[rel] = ("file", oct(stat.S_IMODE(st.st_mode)), Path(path).read_bytes(), st.st_mtime_ns)
-    return entries
-
-
 @pytest.mark.skipif(not shutil.which("tar") or not shutil.which("zstd"), reason="needs GNU tar and zstd")
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_staged_tree_equals_gnu_tar_plus_conda_unpack(fmt, relocation_archives, cache_root):
@@ -125,7 +101,7 @@ def test_staged_tree_equals_gnu_tar_plus_conda_unpack(fmt, relocation_archives, 
     assert modes["bin/reloc-tool2"] == "text"  # two prefixes in it: conda-pack leaves it to conda-unpack
 
     prefix = ensure_staged(archive).prefix
-    ours = _tree(prefix)
+    ours = tree(prefix)
     # The reference at the very same path, so that bytes compare without any substitution.
     prefix.rename(f"{prefix}.kernelprov")
     prefix.mkdir()
@@ -134,7 +110,7 @@ def test_staged_tree_equals_gnu_tar_plus_conda_unpack(fmt, relocation_archives, 
     # run it with the test interpreter (it needs only the standard library); -B keeps it from
     # leaving bytecode of its progress module in bin/.
     subprocess.run([sys.executable, "-B", "-s", str(prefix / "bin/conda-unpack")], check=True)
-    theirs = _tree(prefix)
+    theirs = tree(prefix)
 
     assert sorted(ours) == sorted(theirs)
     for name in sorted(theirs):

@@ -162,3 +162,14 @@ def _package(prefix: Path, name: str, entries: list[tuple[str, str | None]]) -> 
         "url": f"https://example.invalid/{name}-1.0-0.tar.bz2", "channel": "local",
     }
     _write(prefix / f"conda-meta/{name}-1.0-0.json", json.dumps(record).encode())
+
+
+def conda_pack_each(prefix: Path, stem: Path, formats, **options) -> dict[str, Path]:
+    """``prefix`` packed by the real conda-pack into ``<stem>.<format>`` for each format."""
+    import conda_pack
+
+    archives = {}
+    for fmt in formats:
+        archives[fmt] = stem.parent / f"{stem.name}.{fmt}"
+        conda_pack.pack(prefix=str(prefix), output=str(archives[fmt]), format=fmt, **options)
+    return archives

@@ -235,6 +235,10 @@ def entries(user_dir: Path) -> list[CacheEntry]:
 class KeyLock:
     """An exclusive ``flock`` on ``<key>.lock`` in the user's dir, opened through its fd.
 
+    Written by hand rather than with ``filelock``: that library opens its lock file by path, and
+    everything in the user's dir is opened relative to the verified directory descriptor, so that
+    no path swap can redirect it (issue 11, point 6).
+
     Serialises staging and eviction of one env across processes and threads (each use opens its
     own descriptor). ``timeout`` 0 tries once. A filesystem without locks is refused in one
     sentence rather than waited on.

@@ -70,42 +70,6 @@ def ensure_staged(
     takes, so no Evict or clean can remove it before the kernel holds its own lease. Raises
     :class:`~kernelprov.errors.KernelprovError` subclasses whose message a researcher can act on.
     """
-    for _attempt in range(3):
-        staged = _stage_once(archive, cache_root=cache_root, progress=progress, lock_timeout=lock_timeout,
-                             max_bytes=max_bytes, allowed_roots=allowed_roots, max_unpacked_bytes=max_unpacked_bytes)
-        if lease is None:
-            return staged
-        taken = _take_lease(staged, lease, cache_root, lock_timeout)
-        if taken is not None:
-            return dataclasses.replace(staged, lease=taken)
-    raise CacheError(f"{staged.archive} was evicted while a kernel was starting from it, three times; try again.")
-
-
-def _take_lease(staged: StagedEnv, name: str, cache_root, lock_timeout: float) -> Path | None:
-    """Lease ``staged`` for ``name`` under its key lock, if it is still published (else None:
-    an eviction won the race, and the caller stages again)."""
-    root = Path(cache_root) if cache_root else cache.default_cache_root()
-    with cache.user_cache_dir(root) as user_dir:
-        try:
-            with cache.key_lock(user_dir, staged.key, lock_timeout):
-                if cache.read_marker(user_dir, staged.key) is None:
-                    return None
-                return write_lease(staged.prefix, name)
-        except cache.LockTimeout:
-            raise CacheError(f"Timed out after {lock_timeout:.0f} s waiting for the lock of {staged.prefix}; try again.") from None
-
-
-def _stage_once(
-    archive: Path | str,
-    *,
-    cache_root: Path | str | None = None,
-    progress: ProgressCallback | None = None,
-    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-    max_bytes: int = 0,
-    allowed_roots: list[str] | None = None,
-    max_unpacked_bytes: int = 0,
-) -> StagedEnv:
-    """One pass of :func:`ensure_staged` without the lease: reuse, or lock and stage."""
     started = time.monotonic()
     archive = Path(archive).expanduser().absolute()
     if allowed_roots:
@@ -113,47 +77,72 @@ def _stage_once(
     st = stat_archive(archive)
     root = Path(cache_root) if cache_root else cache.default_cache_root()
     with cache.user_cache_dir(root) as user_dir:
-        key = cache.archive_key(archive, st)
-        reused = _reuse(user_dir, key, archive, started)
+        for _attempt in range(3):
+            staged = _find_or_stage(user_dir, archive, st, started, progress, lock_timeout, max_bytes, max_unpacked_bytes)
+            if lease is None:
+                return staged
+            taken = _take_lease(user_dir, staged, lease, lock_timeout)
+            if taken is not None:
+                return dataclasses.replace(staged, lease=taken)
+    raise CacheError(f"{archive} was evicted while a kernel was starting from it, three times; try again.")
+
+
+def _take_lease(user_dir, staged: StagedEnv, name: str, lock_timeout: float) -> Path | None:
+    """Lease ``staged`` for ``name`` under its key lock, if it is still published (else None:
+    an eviction won the race, and the caller stages again)."""
+    try:
+        with cache.key_lock(user_dir, staged.key, lock_timeout):
+            if cache.read_marker(user_dir, staged.key) is None:
+                return None
+            return write_lease(staged.prefix, name)
+    except cache.LockTimeout:
+        raise CacheError(f"Timed out after {lock_timeout:.0f} s waiting for the lock of {staged.prefix}; try again.") from None
+
+
+def _find_or_stage(user_dir, archive: Path, st, started: float, progress: ProgressCallback | None,
+                   lock_timeout: float, max_bytes: int, max_unpacked_bytes: int) -> StagedEnv:
+    """One pass of :func:`ensure_staged` in the open user dir: reuse, or lock and stage."""
+    key = cache.archive_key(archive, st)
+    reused = _reuse(user_dir, key, archive, started)
+    if reused is not None:
+        return reused
+    slot = image_manifest = None
+    if is_image(detect_format(archive)):
+        from .image_stage import image_slot
+        from .manifest import read_manifest
+
+        # An image's key is its checked baked mount point, which its lock and marker share.
+        image_manifest = read_manifest(archive)
+        slot = image_slot(archive, image_manifest)
+        key = slot.key
+        reused = _reuse(user_dir, key, archive, started, slot=slot, st=st, manifest=image_manifest)
         if reused is not None:
             return reused
-        slot = image_manifest = None
-        if is_image(detect_format(archive)):
-            from .image_stage import image_slot
-            from .manifest import read_manifest
-
-            # An image's key is its checked baked mount point, which its lock and marker share.
-            image_manifest = read_manifest(archive)
-            slot = image_slot(archive, image_manifest)
-            key = slot.key
+    try:
+        with cache.key_lock(user_dir, key, lock_timeout):
+            # another process may just have staged it
             reused = _reuse(user_dir, key, archive, started, slot=slot, st=st, manifest=image_manifest)
             if reused is not None:
                 return reused
-        try:
-            with cache.key_lock(user_dir, key, lock_timeout):
-                # another process may just have staged it
-                reused = _reuse(user_dir, key, archive, started, slot=slot, st=st, manifest=image_manifest)
-                if reused is not None:
-                    return reused
-                if slot is not None:
-                    from .image_stage import stage_image
-
-                    prefix = stage_image(archive, st, image_manifest, user_dir, slot, progress)
-                else:
-                    from .unpack import stage_tree
-
-                    cache.remove_unpublished(user_dir, key)
-                    prefix = stage_tree(archive, st, user_dir, key, progress, max_unpacked_bytes)
-        except cache.LockTimeout:
-            raise CacheError(
-                f"Timed out after {lock_timeout:.0f} s waiting for another process to unpack {archive}; try again, or run `kernelprov cache clean`."
-            ) from None
-        finally:
             if slot is not None:
-                slot.link_dir.close()
-        seconds = time.monotonic() - started
-        if max_bytes:
-            space.enforce_budget(user_dir, max_bytes, keep=key)
+                from .image_stage import stage_image
+
+                prefix = stage_image(archive, st, image_manifest, user_dir, slot, progress)
+            else:
+                from .unpack import stage_tree
+
+                cache.remove_unpublished(user_dir, key)
+                prefix = stage_tree(archive, st, user_dir, key, progress, max_unpacked_bytes)
+    except cache.LockTimeout:
+        raise CacheError(
+            f"Timed out after {lock_timeout:.0f} s waiting for another process to unpack {archive}; try again, or run `kernelprov cache clean`."
+        ) from None
+    finally:
+        if slot is not None:
+            slot.link_dir.close()
+    seconds = time.monotonic() - started
+    if max_bytes:
+        space.enforce_budget(user_dir, max_bytes, keep=key)
     log.info("staged %s into %s in %.1f s", archive, prefix, seconds)
     return StagedEnv(prefix, key, archive, True, seconds)
 

@@ -61,33 +61,20 @@ def stage_tree(archive: Path, st: os.stat_result, user_dir: Path, key: str, prog
             raise not_a_conda_env(archive)
         os.chmod(staging.name, 0o755, dir_fd=user_dir.fd)
         cache.publish(user_dir, staging.name, key)  # through the dir's fd: no path swap can redirect it
-    except OSError as err:
-        cache.remove_name(user_dir, staging.name)
+        cache.write_marker(user_dir, key, archive=str(archive), archive_size=st.st_size, archive_mtime_ns=st.st_mtime_ns,
+                           env_bytes=result.bytes_written, members=result.members)
+    except BaseException as err:
+        # Nothing half-made stays: the staging dir, or the published env whose marker could not
+        # be written (complete but unmarked, so no start would trust it; it would only fill the
+        # disk). The caller holds the key's lock, so ``key`` here is ours.
+        for name in (staging.name, key, f"{key}.json.tmp"):
+            cache.remove_name(user_dir, name)
+        if not isinstance(err, OSError):
+            raise
         if space.is_disk_full(err):
             needed = manifest.unpacked_bytes if manifest is not None else None
             raise space.disk_full_error(user_dir, archive, err, needed=needed) from err
         raise CacheError(f"Unpacking {archive} into {user_dir} failed: {err}.") from err
-    except BaseException:
-        cache.remove_name(user_dir, staging.name)
-        raise
-    try:
-        cache.write_marker(
-            user_dir,
-            key,
-            archive=str(archive),
-            archive_size=st.st_size,
-            archive_mtime_ns=st.st_mtime_ns,
-            env_bytes=result.bytes_written,
-            members=result.members,
-        )
-    except OSError as err:
-        # The env is complete but unmarked, so no start would trust it: free its space now.
-        cache.remove_name(user_dir, key)
-        cache.remove_name(user_dir, f"{key}.json.tmp")
-        if space.is_disk_full(err):
-            needed = manifest.unpacked_bytes if manifest is not None else None
-            raise space.disk_full_error(user_dir, archive, err, needed=needed) from err
-        raise CacheError(f"Recording {archive} as staged in {user_dir} failed: {err.strerror}; try again.") from err
     return final
 
 
