@@ -304,11 +304,19 @@ def _hostile_image(tmp_path, member: str) -> Path:
     return archive
 
 
-def _nothing_left(cache_root: Path, tmp_path: Path) -> None:
-    """No copy, env, staging dir, marker or mount anywhere kernelprov keeps images (only a lock)."""
+def _kept(cache_root: Path) -> dict[Path, set[str]]:
+    """What is in each place kernelprov keeps images (locks aside), for a before/after comparison:
+    the fallback ``/tmp/kernelprov-<user>`` is shared with anything else run on this machine."""
+    kept = {}
     for where in [Path(os.fspath(cache.user_cache_dir(cache_root))), *image_dirs()]:
-        left = sorted(p.name for p in where.iterdir() if p.suffix != ".lock") if where.exists() else []
-        assert left == [], (where, left)
+        kept[where] = {p.name for p in where.iterdir() if p.suffix != ".lock"} if where.exists() else set()
+    return kept
+
+
+def _nothing_left(cache_root: Path, tmp_path: Path, before: dict[Path, set[str]]) -> None:
+    """No copy, env, staging dir, marker or mount left by the test anywhere kernelprov keeps images."""
+    for where, names in _kept(cache_root).items():
+        assert sorted(names - before.get(where, set())) == [], where
     assert not _mounts_under(tmp_path)
 
 
@@ -320,11 +328,12 @@ def test_an_image_obeys_the_tar_member_rules(mode, member, name, tmp_path, cache
     archive = _hostile_image(tmp_path, member)
     if mode == "extracted":
         _without_fuse(tmp_path, monkeypatch)
+    before = _kept(cache_root)
 
     with pytest.raises(ArchiveError, match=rf"Refusing {archive}: member '{name}.*"):
         ensure_staged(archive)
 
-    _nothing_left(cache_root, tmp_path)
+    _nothing_left(cache_root, tmp_path, before)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a setuid-root file needs root to make and unsquashfs")
@@ -345,11 +354,12 @@ def test_a_failed_unsquashfs_leaves_nothing_behind(tiny_image, tmp_path, cache_r
     data = bytearray(tiny_image.read_bytes())
     damaged.write_bytes(bytes(data[: len(data) // 2]))  # a copy cut short, with a manifest that matches it
     write_manifest(damaged, manifest_for(damaged, dest_prefix=str(baked_mount_point("damaged"))))
+    before = _kept(cache_root)
 
     with pytest.raises(ArchiveError, match="could not be unpacked"):
         ensure_staged(damaged)
 
-    _nothing_left(cache_root, tmp_path)
+    _nothing_left(cache_root, tmp_path, before)
 
 
 @fuse

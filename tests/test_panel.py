@@ -246,7 +246,6 @@ def test_panel_stages_an_env_and_runs_a_notebook_on_it(lab, page, runnable_archi
     page.get_by_role("menuitem", name="Kernel").click()
     page.get_by_role("menuitem", name="Shut Down Kernel").click()
     expect(notebook.locator(".jp-Notebook-toolbarKernelName, .jp-KernelName").first).to_have_text("No Kernel")
-    _age_leases(Path(staged_prefix))
     panel.get_by_role("button", name="Refresh the list of environments").click()
     expect(row).not_to_contain_text("in use")
     row.get_by_role("button", name="Evict").click()
@@ -280,14 +279,6 @@ def test_a_filter_box_appears_when_there_are_many(lab, page):
     finally:
         for target in extra:
             shutil.rmtree(target)
-
-
-def _age_leases(prefix: Path) -> None:
-    """A dead kernel's lease still counts for cache.LEASE_GRACE_SECONDS (it might be a kernel
-    about to lock it); make the leases older than that instead of waiting."""
-    old = time.time() - 2 * cache.LEASE_GRACE_SECONDS
-    for lease in Path(f"{prefix}.leases").iterdir():  # run.sh's $KERNELPROV_ENV.leases
-        os.utime(lease, (old, old))
 
 
 def _widen_left_area(page, pixels: int) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ import pytest
 from jupyter_server.auth import Authorizer
 from pytest_jupyter.jupyter_server import *  # noqa: F403 — the server fixtures, for this module only
 
-from kernelprov.engine import inventory, stage
+from kernelprov.engine import stage
 from kernelprov.cli.app import main
 from kernelprov.jupyter.kernelspecs import build_kernel_json
 
@@ -185,25 +187,36 @@ def test_evict_removes_the_staged_copy(api, install, tiny_archives):
     assert envs(api)["tiny"]["staged"] is None
 
 
-def test_evict_is_refused_while_kernels_use_the_env(api, install, tiny_archives, monkeypatch):
-    install("tiny", tiny_archives["tar.gz"])
+def test_evict_is_refused_while_kernels_use_the_env(api, install, tiny_archives):
+    archive = install("tiny", tiny_archives["tar.gz"])
     api("POST", "envs", "tiny", "stage")
     prefix = Path(wait_for(api, "tiny", lambda env: env["staged"])["staged"]["prefix"])
-    real_find_staged = inventory.find_staged
+    # Two stand-in kernels lease the env the way run.sh does, through `kernelprov unpack --lease`.
+    kernels = [subprocess.Popen(["sleep", "600"]) for _ in range(2)]
+    try:
+        for kernel in kernels:
+            unpack = subprocess.run([sys.executable, "-m", "kernelprov", "unpack", "--quiet", "--lease", str(kernel.pid),
+                                     str(archive)], capture_output=True, text=True, timeout=120)
+            assert unpack.returncode == 0 and unpack.stdout.strip() == str(prefix), unpack.stderr
 
-    def leased(archive, **options):
-        entry = real_find_staged(archive, **options)
-        if entry is not None:
-            entry.in_use = 2
-        return entry
+        status, body = api("DELETE", "envs", "tiny", "stage")
 
-    monkeypatch.setattr(inventory, "find_staged", leased)
+        assert status == 409, body
+        assert "in use" in body["message"] and prefix.is_dir()
+        assert envs(api)["tiny"]["staged"]["in_use"] == 2
+        kernels[0].kill()
+        kernels[0].wait()
+        assert envs(api)["tiny"]["staged"]["in_use"] == 1
+        assert api("DELETE", "envs", "tiny", "stage")[0] == 409
+    finally:
+        for kernel in kernels:
+            kernel.kill()
+            kernel.wait()
 
-    status, body = api("DELETE", "envs", "tiny", "stage")
+    status, body = api("DELETE", "envs", "tiny", "stage")  # the last kernel has gone: the lease with it
 
-    assert status == 409, body
-    assert "in use" in body["message"] and prefix.is_dir()
-    assert envs(api)["tiny"]["staged"]["in_use"] == 2
+    assert status == 200, body
+    assert not prefix.exists()
 
 
 def test_problems_are_reported_and_block_staging(api, install, tiny_archives, jp_data_dir):
