@@ -37,3 +37,16 @@ class KernelspecError(KernelprovError):
 
 class EnvBuildError(KernelprovError):
     """A conda-format demo environment cannot be built from a local CPython."""
+
+
+def human_size(count: int | float) -> str:
+    """``count`` bytes as researchers read sizes ("830 MB", "1.2 GB", decimal units like ``df -H``).
+
+    Used by every message that names a size (errors, the CLI, the panel's server side): raw byte
+    counts do not fit JupyterLab's one-line error dialog and nobody reads them."""
+    value = float(count)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(value) < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" or abs(value) >= 100 else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"  # pragma: no cover - the loop always returns

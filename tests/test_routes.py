@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -20,7 +22,7 @@ import pytest
 from jupyter_server.auth import Authorizer
 from pytest_jupyter.jupyter_server import *  # noqa: F403 — the server fixtures, for this module only
 
-from kernelprov.engine import stage
+from kernelprov.engine import cache, stage
 from kernelprov.cli.app import main
 from kernelprov.jupyter.kernelspecs import build_kernel_json
 
@@ -103,8 +105,10 @@ def test_lists_kernelprov_kernels_with_facts_from_their_manifests(api, install, 
         "format": "tar.zst",
         "python_version": None,  # the tiny env has no python package
         "packages": 1,
+        "pip_packages": None,
         "staged": None,
         "staging": None,
+        "last_failure": None,
         "problems": [],
     }
     assert listed["other"]["format"] == "zip" and listed["other"]["packages"] is None  # made elsewhere
@@ -165,13 +169,15 @@ def test_a_stage_started_by_a_kernel_is_shown_as_staging(api, install, tiny_arch
 
 def test_a_failed_stage_is_shown_with_its_message(api, install, tiny_archives):
     archive = install("broken", tiny_archives["tar.gz"])
-    with open(archive, "ab") as f:
-        f.write(b"appended after the manifest was written")
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # damaged inside: no cheap check sees it
+    archive.write_bytes(bytes(data))
+    assert envs(api)["broken"]["problems"] == []
 
     assert api("POST", "envs", "broken", "stage")[0] == 202
     env = wait_for(api, "broken", lambda env: env["staging"] and env["staging"]["error"])
 
-    assert "manifest" in env["staging"]["error"] and env["staged"] is None
+    assert "corrupt" in env["staging"]["error"] and env["staged"] is None
 
 
 def test_evict_removes_the_staged_copy(api, install, tiny_archives):
@@ -360,3 +366,110 @@ class TestTheServersAllowedKernelspecs:
         status, body = api("POST", "envs", "hidden", "stage")
         assert status == 404 and "hidden" in body["message"]
         assert api("POST", "envs", "shown", "stage")[0] == 202
+
+
+def test_a_cut_short_archive_is_a_problem_before_any_start_and_sorts_first(api, install, tiny_archives):
+    install("alpha", tiny_archives["tar.gz"])
+    cut = install("zulu", tiny_archives["tar.gz"])
+    size = cut.stat().st_size
+    with open(cut, "r+b") as f:
+        f.truncate(size // 2)  # a copy that stopped half way, its manifest still the packed one's
+
+    status, body = api("GET", "envs")
+
+    assert status == 200, body
+    first, second = body["envs"]
+    assert first["name"] == "zulu" and second["name"] == "alpha" and not second["problems"]
+    assert len(first["problems"]) == 1 and "cut short" in first["problems"][0], first["problems"]
+    assert re.search(r"is \d+(\.\d)? kB, but was \d+(\.\d)? kB when packed", first["problems"][0])
+    assert api("POST", "envs", "zulu", "stage")[0] == 409  # the problem blocks Stage now too
+
+
+def test_a_failed_stage_is_remembered_on_the_node_until_the_archive_changes(api, install, tiny_archives):
+    archive = install("tiny", tiny_archives["tar.gz"])
+    install("good", tiny_archives["tar.gz"])
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)  # damaged inside, the same size as packed
+    archive.write_bytes(bytes(data))
+    assert envs(api)["tiny"]["last_failure"] is None
+    # A job prologue, not this server, fails to stage it: the memory is on the node, not in the server.
+    unpack = subprocess.run([sys.executable, "-m", "kernelprov", "unpack", "--quiet", str(archive)],
+                            capture_output=True, text=True, timeout=120)
+    assert unpack.returncode != 0
+
+    listed = api("GET", "envs")[1]["envs"]
+
+    assert [env["name"] for env in listed] == ["tiny", "good"]  # the failed one first
+    failure = listed[0]["last_failure"]
+    assert unpack.stderr.strip() == f"kernelprov: error: {failure['message']}" and time.time() - failure["at"] < 60
+    assert listed[0]["staged"] is None and listed[0]["problems"] == []
+    # A new version of the archive starts clean.
+    shutil.copyfile(tiny_archives["tar.gz"], archive)
+    assert envs(api)["tiny"]["last_failure"] is None
+
+
+def test_a_stage_that_works_forgets_the_failure_of_the_same_version(api, install, tiny_archives, cache_root):
+    archive = install("tiny", tiny_archives["tar.gz"])
+    with cache.user_cache_dir(cache_root) as user_dir, cache.key_lock(user_dir, cache.archive_key(archive, archive.stat()), 0):
+        # Another process holds the env's lock for longer than this start waits: a passing failure.
+        unpack = subprocess.run([sys.executable, "-m", "kernelprov", "unpack", "--quiet", str(archive)],
+                                env={**os.environ, "KERNELPROV_LOCK_TIMEOUT": "0.2"}, capture_output=True, text=True,
+                                timeout=120)
+    assert unpack.returncode != 0 and "Timed out" in envs(api)["tiny"]["last_failure"]["message"]
+
+    api("POST", "envs", "tiny", "stage")
+
+    assert wait_for(api, "tiny", lambda env: env["staged"])["last_failure"] is None
+
+
+def test_the_fast_poll_reports_only_staging_state(api, install, tiny_archives, monkeypatch):
+    install("tiny", tiny_archives["tar.gz"])
+    install("other", tiny_archives["tar.zst"])
+    release = threading.Event()
+    real_ensure_staged = stage.ensure_staged
+
+    def slow_ensure_staged(archive, *, progress, **options):
+        progress(1, 4)
+        assert release.wait(20), "the test never released the stage"
+        return real_ensure_staged(archive, progress=progress, **options)
+
+    monkeypatch.setattr(stage, "ensure_staged", slow_ensure_staged)  # holds the stage, so it can be seen
+    api("POST", "envs", "tiny", "stage")
+    try:
+        status, body = api("GET", "staging", params=[("name", "tiny"), ("name", "other"), ("name", "unknown")])
+        assert status == 200, body
+        assert sorted(body["envs"]) == ["other", "tiny"]
+        tiny = body["envs"]["tiny"]
+        assert tiny["staged"] is False and tiny["staging"]["fraction"] == 0.25 and tiny["staging"]["elapsed"] >= 0
+        assert body["envs"]["other"] == {"staging": None, "staged": False}
+        assert api("GET", "staging", params=[("name", "../etc")])[0] == 400
+    finally:
+        release.set()
+    wait_for(api, "tiny", lambda env: env["staged"])
+    assert api("GET", "staging", params=[("name", "tiny")])[1]["envs"]["tiny"] == {"staging": None, "staged": True}
+
+
+def test_polls_read_kernel_json_and_manifests_only_when_they_change(api, install, tiny_archives, jp_data_dir):
+    install("tiny", tiny_archives["tar.gz"])
+    install("other", tiny_archives["tar.zst"])
+    opened: list[str] = []
+    counting = threading.Event()
+
+    def audit(event, args):  # every open() by Python code in this process, the server's threads included
+        if counting.is_set() and event == "open" and isinstance(args[0], str) and "kernels" in args[0]:
+            opened.append(args[0])
+
+    sys.addaudithook(audit)
+    envs(api)  # the first poll reads everything
+    counting.set()
+    try:
+        for _ in range(3):
+            envs(api)
+        assert [p for p in opened if p.endswith(("kernel.json", ".manifest.json"))] == []
+        spec = jp_data_dir / "kernels" / "other" / "kernel.json"
+        spec.write_text(spec.read_text().replace('"Python (other)"', '"Renamed"'))
+        opened.clear()
+        assert envs(api)["other"]["display_name"] == "Renamed"
+        assert [Path(p).name for p in opened if p.endswith(("kernel.json", ".manifest.json"))] == ["kernel.json"]
+    finally:
+        counting.clear()

@@ -118,7 +118,7 @@ def damaged_archive_error(archive: Path, fmt: str, err: BaseException) -> Archiv
         reason = "a member has an invalid field"
     else:
         return None
-    log.warning("cannot read %s as %s: %r", archive, fmt, err)
+    log.debug("cannot read %s as %s: %r", archive, fmt, err)
     return ArchiveError(f"{archive} is truncated or corrupt ({reason}); re-copy it, or re-create it with `kernelprov pack`.")
 
 

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CacheError
-from . import cache, space
+from ..errors import CacheError, KernelprovError
+from . import cache, failures, space
 from .archive import check_allowed, stat_archive
 from .extract import ProgressCallback
 from .formats import detect_format, is_image
@@ -77,13 +77,27 @@ def ensure_staged(
     st = stat_archive(archive)
     root = Path(cache_root) if cache_root else cache.default_cache_root()
     with cache.user_cache_dir(root) as user_dir:
-        for _attempt in range(3):
-            staged = _find_or_stage(user_dir, archive, st, started, progress, lock_timeout, max_bytes, max_unpacked_bytes)
-            if lease is None:
-                return staged
-            taken = _take_lease(user_dir, staged, lease, lock_timeout)
-            if taken is not None:
-                return dataclasses.replace(staged, lease=taken)
+        version = cache.archive_key(archive, st)
+        try:
+            staged = _staged_and_leased(user_dir, archive, st, started, progress, lock_timeout, max_bytes,
+                                        max_unpacked_bytes, lease)
+        except KernelprovError as err:
+            failures.record_failure(user_dir, version, str(err))  # the panel shows it until a stage works
+            raise
+        failures.clear_failure(user_dir, version)
+        return staged
+
+
+def _staged_and_leased(user_dir, archive: Path, st, started: float, progress: ProgressCallback | None,
+                       lock_timeout: float, max_bytes: int, max_unpacked_bytes: int, lease: str | None) -> StagedEnv:
+    """Find or stage the env, then lease it when asked; an eviction between the two stages again."""
+    for _attempt in range(3):
+        staged = _find_or_stage(user_dir, archive, st, started, progress, lock_timeout, max_bytes, max_unpacked_bytes)
+        if lease is None:
+            return staged
+        taken = _take_lease(user_dir, staged, lease, lock_timeout)
+        if taken is not None:
+            return dataclasses.replace(staged, lease=taken)
     raise CacheError(f"{archive} was evicted while a kernel was starting from it, three times; try again.")
 
 

@@ -9,23 +9,31 @@ anything, and runs pre-warm stages in background threads whose progress the hand
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from traitlets import List, Set, TraitError, Unicode
 from traitlets.config import LoggingConfigurable
 
 from ..config import KernelprovConfig
-from ..engine import inventory, stage
-from ..engine.formats import detect_format
+from ..engine import failures, inventory, stage
 from ..engine.archive import not_a_conda_env
-from ..engine.manifest import read_manifest
-from ..errors import ArchiveError, CacheError, KernelprovError
-from .kernelspecs import KernelprovKernel, find_kernels
+from ..engine.formats import detect_format
+from ..engine.leases import lease_dir
+from ..engine.manifest import manifest_path, read_manifest
+from ..errors import ArchiveError, CacheError, KernelprovError, human_size
+from .kernelspecs import KernelprovKernel, kernel_from_spec, kernel_spec_manager
+
+log = logging.getLogger(__name__)
+
+#: kernel.json files are a few kB; one larger than this is skipped rather than read.
+_MAX_KERNEL_JSON_BYTES = 1 << 20
 
 #: Keys a kernel's ``kernel_provisioner.config`` may hold (the provisioner's own settings).
 _PROVISIONER_KEYS = ("archive",)
@@ -54,8 +62,43 @@ class PrewarmJob:
             "total": self.total,
             "fraction": min(self.done / self.total, 1.0) if self.total else None,
             "started_at": self.started_at,
+            "elapsed": time.time() - self.started_at,
             "error": self.error,
         }
+
+
+class StatCache:
+    """Values computed from files, recomputed only when a file's size, mtime or inode changed.
+
+    The panel polls; kernel dirs and archives live on the shared filesystem that kernelprov
+    exists to spare, so each poll costs one ``stat`` per file instead of a read and a parse.
+    Thread-safe (the REST handlers run in a small pool).
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[str, tuple[tuple[int, int, int], Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: Path | str, load: Callable[[str], Any], st: os.stat_result | None = None) -> Any:
+        """``load(path)``'s value, from the cache while the file is unchanged; raises ``OSError``
+        from the stat. A ``KernelprovError`` raised by ``load`` is cached and raised again."""
+        path = os.fspath(path)
+        st = os.stat(path) if st is None else st
+        identity = (st.st_mtime_ns, st.st_size, st.st_ino)
+        with self._lock:
+            cached = self._values.get(path)
+        if cached is not None and cached[0] == identity:
+            value = cached[1]
+        else:
+            try:
+                value = load(path)
+            except KernelprovError as err:
+                value = err
+            with self._lock:
+                self._values[path] = (identity, value)
+        if isinstance(value, KernelprovError):
+            raise value
+        return value
 
 
 class KernelprovEnvironments(KernelprovConfig):
@@ -84,10 +127,27 @@ class KernelprovEnvironments(KernelprovConfig):
         super().__init__(**kwargs)
         self._jobs: dict[tuple[str, str], PrewarmJob] = {}
         self._jobs_lock = threading.Lock()
+        self._kernel_files = StatCache()
+        self._manifests = StatCache()
+        self._formats = StatCache()
 
     def _kernels(self) -> list[KernelprovKernel]:
-        """The kernelprov kernels this server offers (its allowed_kernelspecs applied)."""
-        return [k for k in find_kernels(self.kernel_dirs) if not self.allowed_kernelspecs or k.name in self.allowed_kernelspecs]
+        """The kernelprov kernels this server offers (its allowed_kernelspecs applied), sorted by
+        name. Lists the kernel dirs at every call (new kernels appear at the next poll) but reads
+        a kernel.json only when it changed."""
+        found = []
+        specs = kernel_spec_manager(self.kernel_dirs).find_kernel_specs()
+        for name, resource_dir in sorted(specs.items()):
+            if self.allowed_kernelspecs and name not in self.allowed_kernelspecs:
+                continue
+            path = os.path.join(resource_dir, "kernel.json")
+            try:
+                kernel = self._kernel_files.get(path, lambda p, n=name, d=resource_dir: _read_kernel(n, Path(d), p))
+            except OSError:
+                continue  # removed between the listing and the stat
+            if kernel is not None:
+                found.append(kernel)
+        return found
 
     def find(self, name: str) -> KernelprovKernel | None:
         """The kernelprov kernel called ``name`` (a name already validated), or None."""
@@ -97,12 +157,35 @@ class KernelprovEnvironments(KernelprovConfig):
         return None
 
     def describe_all(self) -> list[dict[str, Any]]:
-        """Called by ``GET /kernelprov/envs``: every kernelprov kernel, sorted by name."""
-        return [self.describe(kernel) for kernel in self._kernels()]
+        """Called by ``GET /kernelprov/envs``: every kernelprov kernel, those with a problem (or a
+        remembered failure) first, then by display name."""
+        described = [self.describe(kernel) for kernel in self._kernels()]
+        return sorted(described, key=lambda env: (not _has_problem(env), env["display_name"].casefold(), env["name"]))
+
+    def staging_states(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        """Called by ``GET /kernelprov/staging`` (the panel's fast poll while something stages):
+        for each named kernel, its staging progress and whether it is staged now. Reads nothing
+        on the shared filesystem but one ``stat`` of each archive."""
+        wanted = set(names)
+        states = {}
+        for kernel in self._kernels():
+            if kernel.name not in wanted or kernel.archive is None:
+                continue
+            settings = self._settings_for(kernel, [])
+            if settings is None:
+                continue
+            try:
+                entry = inventory.find_staged(kernel.archive, cache_root=settings.cache_dir)
+            except KernelprovError:
+                entry = None
+            states[kernel.name] = {"staging": self._staging(kernel.archive, settings.cache_dir, entry),
+                                   "staged": entry is not None}
+        return states
 
     def describe(self, kernel: KernelprovKernel) -> dict[str, Any]:
         """One kernel as the panel shows it: archive facts from its manifest (never from the archive
-        itself), its staged copy on this node, a running pre-warm, and what stops it from working."""
+        itself), its staged copy on this node, a running stage, the last failed one, and what
+        stops it from working — checked cheaply (stat, manifest, first bytes) before a start fails."""
         problems: list[str] = []
         settings = self._settings_for(kernel, problems)
         info: dict[str, Any] = {
@@ -114,8 +197,10 @@ class KernelprovEnvironments(KernelprovConfig):
             "format": None,
             "python_version": None,
             "packages": None,
+            "pip_packages": None,
             "staged": None,
             "staging": None,
+            "last_failure": None,
             "problems": problems,
         }
         archive = kernel.archive
@@ -123,30 +208,35 @@ class KernelprovEnvironments(KernelprovConfig):
             problems.append("Its kernel.json names no archive; reinstall it with `kernelprov install`.")
             return info
         try:
-            info["archive_size"] = os.stat(archive).st_size
+            st = os.stat(archive)
         except FileNotFoundError:
+            st = None
             problems.append(f"The archive {archive} does not exist; reinstall the kernel or restore the archive.")
         except OSError as err:
+            st = None
             problems.append(f"The archive {archive} cannot be read: {err.strerror}.")
         else:
+            info["archive_size"] = st.st_size
             if not os.access(archive, os.R_OK):
                 problems.append(f"The archive {archive} is not readable by you; ask its owner to make it readable.")
-        try:
-            manifest = read_manifest(archive)
-        except ArchiveError as err:
-            problems.append(str(err))
-            manifest = None
+        manifest = self._manifest(archive, problems)
+        detected = self._detected_format(archive, st, problems) if st is not None and not problems else None
         if manifest is not None:
-            info.update(format=manifest.format, python_version=manifest.python_version, packages=manifest.packages)
+            info.update(format=manifest.format, python_version=manifest.python_version, packages=manifest.packages,
+                        pip_packages=getattr(manifest, "pip_packages", None))
             if manifest.conda_env is False:
                 problems.append(str(not_a_conda_env(archive)))
-            if info["archive_size"] is None:
+            if st is None:
                 info["archive_size"] = manifest.size
-        elif info["archive_size"] is not None:
-            try:  # no manifest: the archive's first bytes, never its file name, say what it is
-                info["format"] = detect_format(archive)
-            except ArchiveError as err:
-                problems.append(str(err))
+            elif st.st_size != manifest.size:
+                problems.append(
+                    f"The archive is {human_size(st.st_size)}, but was {human_size(manifest.size)} when packed: "
+                    "it is cut short or was replaced. Reinstall the kernel or restore the archive."
+                )
+            if detected is not None and detected != manifest.format:
+                problems.append(f"The archive is {detected}, but its manifest says {manifest.format}: reinstall the kernel.")
+        elif detected is not None:
+            info["format"] = detected  # no manifest: the archive's first bytes, never its name, say what it is
         if settings is None:
             return info
         try:
@@ -160,16 +250,60 @@ class KernelprovEnvironments(KernelprovConfig):
                 "bytes": entry.env_bytes,
                 "staged_at": entry.staged_at,
                 "last_used": entry.last_used,
+                # A kernel leases the env when it starts; "Stage now" does not.
+                "used": lease_dir(entry.prefix).exists(),
                 "in_use": entry.in_use,
             }
-        job = self._job(archive, settings.cache_dir)
-        if job is not None and (entry is None or job.error):
-            info["staging"] = job.as_dict()
-        elif entry is None:
-            started = inventory.staging_in_progress(archive, cache_root=settings.cache_dir)
-            if started is not None:  # a kernel start or a job prologue is unpacking it
-                info["staging"] = {"done": 0, "total": 0, "fraction": None, "started_at": started, "error": None}
+        info["staging"] = self._staging(archive, settings.cache_dir, entry)
+        if entry is None and st is not None:
+            try:
+                info["last_failure"] = failures.last_failure(archive, cache_root=settings.cache_dir)
+            except KernelprovError:
+                pass  # the cache dir's own problem is reported by find_staged above
         return info
+
+    def _staging(self, archive: Path, cache_dir: str, entry) -> dict[str, Any] | None:
+        """The stage of ``archive`` under way on this node (from the panel, a kernel start or a
+        job prologue), or the panel's own failed one; None when there is neither."""
+        job = self._job(archive, cache_dir)
+        if job is not None and (entry is None or job.error):
+            return job.as_dict()
+        if entry is not None:
+            return None
+        progress = inventory.staging_progress(archive, cache_root=cache_dir) \
+            if hasattr(inventory, "staging_progress") else None
+        if progress is not None:
+            done, total = progress.get("done", 0), progress.get("total", 0)
+            return {"done": done, "total": total, "fraction": min(done / total, 1.0) if total else None,
+                    "started_at": progress["started_at"], "elapsed": time.time() - progress["started_at"],
+                    "error": None}
+        started = inventory.staging_in_progress(archive, cache_root=cache_dir)
+        if started is not None:
+            return {"done": 0, "total": 0, "fraction": None, "started_at": started,
+                    "elapsed": time.time() - started, "error": None}
+        return None
+
+    def _manifest(self, archive: Path, problems: list[str]):
+        """The archive's manifest (cached by the sidecar's stat), None without one."""
+        try:
+            return self._manifests.get(manifest_path(archive), lambda _path: read_manifest(archive))
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            problems.append(f"The manifest of {archive} cannot be read: {err.strerror}.")
+        except ArchiveError as err:
+            problems.append(str(err))
+        return None
+
+    def _detected_format(self, archive: Path, st: os.stat_result, problems: list[str]) -> str | None:
+        """The format the archive's first bytes say (cached by the archive's stat)."""
+        try:
+            return self._formats.get(archive, lambda path: detect_format(Path(path)), st)
+        except OSError:
+            return None
+        except ArchiveError as err:
+            problems.append(str(err))
+            return None
 
     def start_staging(self, kernel: KernelprovKernel) -> PrewarmJob:
         """Called by ``POST /kernelprov/envs/<name>/stage``: stage the kernel's env in a background
@@ -182,8 +316,9 @@ class KernelprovEnvironments(KernelprovConfig):
         settings = self._settings_for(kernel, problems)
         if kernel.archive is None or settings is None:
             raise ArchiveError(problems[0] if problems else "Its kernel.json names no archive; reinstall it with `kernelprov install`.")
-        if not kernel.archive.is_file():
-            raise ArchiveError(f"The archive {kernel.archive} does not exist; reinstall the kernel or restore the archive.")
+        problems = self.describe(kernel)["problems"]
+        if problems:  # the cheap checks already know this stage would fail
+            raise ArchiveError(problems[0])
         key = (str(kernel.archive), settings.cache_dir)
         with self._jobs_lock:
             job = self._jobs.get(key)
@@ -249,3 +384,26 @@ class KernelprovEnvironments(KernelprovConfig):
         except TraitError as err:
             problems.append(f"Its kernel_provisioner config is invalid: {err}")
             return None
+
+
+def _read_kernel(name: str, resource_dir: Path, path: str) -> KernelprovKernel | None:
+    """Parse one kernel.json for :meth:`KernelprovEnvironments._kernels`; None if it is not a
+    kernelprov kernel or cannot be parsed (logged once per version of the file)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_KERNEL_JSON_BYTES + 1)
+        if len(raw) > _MAX_KERNEL_JSON_BYTES:
+            raise ValueError("larger than 1 MiB")
+        spec = json.loads(raw)
+        if not isinstance(spec, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        log.warning("kernelprov: skipping %s: %s", path, err)
+        return None
+    return kernel_from_spec(name, resource_dir, spec)
+
+
+def _has_problem(env: dict[str, Any]) -> bool:
+    """Whether the panel sorts ``env`` first: something stops it, or its last stage failed."""
+    staging = env.get("staging") or {}
+    return bool(env["problems"] or staging.get("error") or (env.get("last_failure") and not env.get("staged")))

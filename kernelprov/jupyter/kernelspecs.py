@@ -200,7 +200,8 @@ class KernelprovKernel:
     stager: str | None = None
 
 
-def _kernel_spec_manager(extra_dirs: list[str] | None = None) -> KernelSpecManager:
+def kernel_spec_manager(extra_dirs: list[str] | None = None) -> KernelSpecManager:
+    """A KernelSpecManager over the Jupyter path plus ``extra_dirs`` (the server's own kernel dirs)."""
     ksm = KernelSpecManager()
     if extra_dirs:
         ksm.kernel_dirs = list(ksm.kernel_dirs) + [str(Path(d).expanduser().absolute()) for d in extra_dirs]
@@ -214,25 +215,36 @@ def find_kernels(extra_dirs: list[str] | None = None) -> list[KernelprovKernel]:
     be read is skipped with a warning rather than hiding all the others.
     """
     found = []
-    for name, entry in sorted(_kernel_spec_manager(extra_dirs).get_all_specs().items()):
-        spec = entry.get("spec", {})
-        metadata = spec.get("metadata") or {}
-        provisioner = metadata.get("kernel_provisioner") or {}
-        if provisioner.get("provisioner_name") != PROVISIONER_NAME:
-            continue
-        config = provisioner.get("config") or {}
-        ours = metadata.get("kernelprov") or {}
-        found.append(KernelprovKernel(
-            name=name,
-            display_name=spec.get("display_name", name),
-            language=spec.get("language", "python"),
-            resource_dir=Path(entry["resource_dir"]),
-            archive=Path(config["archive"]) if config.get("archive") else None,
-            archive_managed=bool(ours.get("archive_managed")),
-            provisioner_config=config,
-            stager=ours.get("stager") if isinstance(ours.get("stager"), str) else None,
-        ))
+    for name, entry in sorted(kernel_spec_manager(extra_dirs).get_all_specs().items()):
+        kernel = kernel_from_spec(name, Path(entry["resource_dir"]), entry.get("spec", {}))
+        if kernel is not None:
+            found.append(kernel)
     return found
+
+
+def kernel_from_spec(name: str, resource_dir: Path, spec: dict) -> KernelprovKernel | None:
+    """The kernelprov kernel a parsed kernel.json describes, or None when it is not ours.
+
+    Called by :func:`find_kernels` and by the panel's listing, which caches kernel.json files by
+    modification time rather than re-reading every one on each poll."""
+    metadata = spec.get("metadata") or {}
+    provisioner = metadata.get("kernel_provisioner") or {}
+    if not isinstance(provisioner, dict) or provisioner.get("provisioner_name") != PROVISIONER_NAME:
+        return None
+    config = provisioner.get("config") or {}
+    ours = metadata.get("kernelprov") or {}
+    if not isinstance(config, dict) or not isinstance(ours, dict):
+        return None
+    return KernelprovKernel(
+        name=name,
+        display_name=str(spec.get("display_name", name)),
+        language=str(spec.get("language", "python")),
+        resource_dir=resource_dir,
+        archive=Path(config["archive"]) if isinstance(config.get("archive"), str) and config["archive"] else None,
+        archive_managed=bool(ours.get("archive_managed")),
+        provisioner_config=config,
+        stager=ours.get("stager") if isinstance(ours.get("stager"), str) else None,
+    )
 
 
 def get_kernel(name: str, extra_dirs: list[str] | None = None) -> KernelprovKernel:

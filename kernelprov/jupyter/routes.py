@@ -9,6 +9,8 @@ its :class:`~kernelprov.errors.KernelprovError` into an HTTP status in one place
 
 ======  ==============================  ===================================================
 GET     /kernelprov/envs                ``{"envs": [...], "cache_dir": ...}`` (200)
+GET     /kernelprov/staging?name=N...   ``{"envs": {N: {"staging": ..., "staged": bool}}}``:
+                                        the fast poll while something stages (200)
 POST    /kernelprov/envs/<name>/stage   start a pre-warm; the env's description (202)
 DELETE  /kernelprov/envs/<name>/stage   evict the staged copy; the env's description (200),
                                         404 when nothing is staged, 409 while in use
@@ -110,9 +112,23 @@ class EnvironmentsHandler(KernelprovHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        """Called by the panel's poll (every 15 s, every 0.5 s while something stages)."""
+        """Called by the panel's poll (every 15 s; while something stages, ``/kernelprov/staging`` polls)."""
         envs = await _in_thread(self.environments.describe_all)
         self.finish(json.dumps({"envs": envs, "cache_dir": self.environments.cache_dir}))
+
+
+class StagingHandler(KernelprovHandler):
+    """``/kernelprov/staging``: only the staging state of the named kernels, for the fast poll."""
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        """Called by the panel about once a second while one of its rows stages."""
+        names = self.get_arguments("name")[:200]
+        for name in names:
+            validate_name(name)
+        states = await _in_thread(self.environments.staging_states, names)
+        self.finish(json.dumps({"envs": states}))
 
 
 class StageHandler(KernelprovHandler):
@@ -143,5 +159,6 @@ def setup_handlers(web_app: web.Application, environments: KernelprovEnvironment
     base_url = web_app.settings["base_url"]
     web_app.add_handlers(".*$", [
         (url_path_join(base_url, "kernelprov", "envs"), EnvironmentsHandler),
+        (url_path_join(base_url, "kernelprov", "staging"), StagingHandler),
         (url_path_join(base_url, "kernelprov", "envs", "([^/]+)", "stage"), StageHandler),
     ])

@@ -1,0 +1,97 @@
+"""The last failed stage of each archive version on this node, remembered across restarts.
+
+Written by :func:`.stage.ensure_staged` when a stage fails (``<key>.failed`` in the user's private
+cache dir, keyed like the env itself by the archive's path, size and mtime, so a changed archive
+starts with a clean slate) and cleared when a stage of that version succeeds. Read by the panel
+(:mod:`kernelprov.jupyter.environments`) so an env that failed shows its one sentence before the
+next researcher clicks it, even after the Jupyter server restarted.
+
+A failure record is a hint for the panel, never a gate: a start always tries again. Its content
+is bounded and type-checked on read, because the file lives on a node others share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from . import cache
+from .securedir import PrivateDir
+
+log = logging.getLogger(__name__)
+
+#: A record is one sentence and a time stamp: anything longer was not written by kernelprov.
+_MAX_RECORD_BYTES = 8192
+_MAX_MESSAGE_CHARS = 2000
+
+
+def _name(key: str) -> str:
+    return f"{key}.failed"
+
+
+def record_failure(user_dir: PrivateDir, key: str, message: str) -> None:
+    """Remember that staging ``key`` failed with ``message`` (called by ``ensure_staged``).
+
+    Written atomically through the user dir's fd; a disk too full to hold it loses only the hint.
+    """
+    data = json.dumps({"message": message[:_MAX_MESSAGE_CHARS], "at": time.time()})
+    tmp = f"{_name(key)}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=user_dir.fd)
+        with os.fdopen(fd, "w") as f:
+            f.write(data)
+        os.replace(tmp, _name(key), src_dir_fd=user_dir.fd, dst_dir_fd=user_dir.fd)
+    except OSError as err:
+        log.debug("could not remember the failure of %s: %s", key, err)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=user_dir.fd)
+
+
+def clear_failure(user_dir: PrivateDir, key: str) -> None:
+    """Forget the failure of ``key`` (called by ``ensure_staged`` after a successful stage or reuse)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_name(key), dir_fd=user_dir.fd)
+
+
+def read_failure(user_dir: PrivateDir, key: str) -> dict | None:
+    """The remembered failure of ``key`` as ``{"message": str, "at": float}``, or None."""
+    try:
+        fd = os.open(_name(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=user_dir.fd)
+    except OSError:
+        return None
+    try:
+        raw = os.read(fd, _MAX_RECORD_BYTES + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(raw) > _MAX_RECORD_BYTES:
+        return None
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("message"), str) \
+            or not isinstance(data.get("at"), (int, float)) or isinstance(data.get("at"), bool):
+        return None
+    return {"message": data["message"][:_MAX_MESSAGE_CHARS], "at": float(data["at"])}
+
+
+def last_failure(archive: Path | str, *, cache_root: Path | str | None = None) -> dict | None:
+    """The last failed stage of ``archive``'s current version on this node, or None.
+
+    Called by the panel's listing; reads one small file in the user's node-local cache dir and
+    stats the archive (which the listing has done already)."""
+    archive = Path(archive).expanduser().absolute()
+    try:
+        st = os.stat(archive)
+    except OSError:
+        return None
+    root = Path(cache_root) if cache_root else cache.default_cache_root()
+    with cache.user_cache_dir(root) as user_dir:
+        return read_failure(user_dir, cache.archive_key(archive, st))
