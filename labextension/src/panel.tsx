@@ -1,255 +1,415 @@
 import { Time } from '@jupyterlab/coreutils';
 import { TranslationBundle } from '@jupyterlab/translation';
-import { ReactWidget, UseSignal } from '@jupyterlab/ui-components';
+import {
+  caretDownIcon,
+  caretRightIcon,
+  ReactWidget,
+  runIcon,
+  UseSignal
+} from '@jupyterlab/ui-components';
 import * as React from 'react';
 
 import { EnvironmentsModel } from './model';
 import { IEnvironment } from './request';
+import {
+  formatBytes,
+  formatDuration,
+  packageCount,
+  problemText,
+  remainingSeconds,
+  State,
+  stateOf,
+  summarize
+} from './state';
 
 /** Above this many environments the panel shows a filter box. */
 export const FILTER_THRESHOLD = 6;
 
-/** What a row's buttons do; provided by the plugin (documents, dialogs). */
+/** What a row's actions do; provided by the plugin (kernels, documents, dialogs). */
 export interface IEnvironmentActions {
   openNotebook(env: IEnvironment): void;
   stage(env: IEnvironment): void;
   evict(env: IEnvironment): void;
+  shutDownKernels(env: IEnvironment): void;
+  /** How many kernels of this server run `env` (they can be shut down from here). */
+  runningKernels(env: IEnvironment): number;
 }
 
-/** Sizes in decimal units, like the `kernelprov` CLI. */
-export function formatBytes(bytes: number | null | undefined): string {
-  if (bytes === null || bytes === undefined) {
-    return '—';
-  }
-  const units = ['B', 'kB', 'MB', 'GB', 'TB'];
-  let value = bytes;
-  let unit = 0;
-  while (value >= 1000 && unit < units.length - 1) {
-    value /= 1000;
-    unit += 1;
-  }
-  return `${value >= 100 || unit === 0 ? value.toFixed(0) : value.toFixed(1)} ${units[unit]}`;
-}
+export { formatBytes };
 
-type State =
-  'problem' | 'failed' | 'staging' | 'evicting' | 'ready' | 'not-staged';
-
-function stateOf(
+function stateLabel(
   env: IEnvironment,
-  busyWith?: EnvironmentsModel.Action
-): State {
-  if (env.staged && busyWith === 'evict') {
-    return 'evicting';
+  state: State,
+  trans: TranslationBundle
+): string {
+  switch (state) {
+    case 'ready':
+      return env.staged?.in_use ? trans.__('in use') : trans.__('ready');
+    case 'evicting':
+      return trans.__('evicting…');
+    case 'starting':
+      return env.staging && !env.staging.error
+        ? stagingLabel(env, trans)
+        : trans.__('starting…');
+    case 'failed':
+      return trans.__('failed');
+    case 'problem':
+      return trans.__('problem');
+    case 'staging':
+      return stagingLabel(env, trans);
+    default:
+      return trans.__('not staged');
   }
-  if (env.staged) {
-    return 'ready';
-  }
-  if (env.staging) {
-    return env.staging.error ? 'failed' : 'staging';
-  }
-  return env.problems.length ? 'problem' : 'not-staged';
 }
 
-function StateCell(props: {
+function stagingLabel(env: IEnvironment, trans: TranslationBundle): string {
+  const fraction = env.staging?.fraction;
+  return fraction === null || fraction === undefined
+    ? trans.__('staging…')
+    : trans.__('staging %1 %', Math.floor(fraction * 100));
+}
+
+/** "37 % · 70.2 MB of 190 MB · 12 s · about 20 s left" */
+export function progressText(
+  env: IEnvironment,
+  trans: TranslationBundle
+): string {
+  const staging = env.staging;
+  if (!staging) {
+    return '';
+  }
+  const parts: string[] = [];
+  if (staging.fraction !== null && staging.fraction !== undefined) {
+    parts.push(trans.__('%1 %', Math.floor(staging.fraction * 100)));
+  }
+  if (staging.total) {
+    parts.push(
+      trans.__(
+        '%1 of %2',
+        formatBytes(staging.done),
+        formatBytes(staging.total)
+      )
+    );
+  }
+  if (staging.elapsed !== undefined) {
+    parts.push(trans.__('%1 elapsed', formatDuration(staging.elapsed)));
+  }
+  const left = remainingSeconds(staging.fraction, staging.elapsed);
+  if (left !== null) {
+    parts.push(trans.__('about %1 left', formatDuration(left)));
+  }
+  return parts.join(' · ') || trans.__('starting to unpack…');
+}
+
+function Details(props: {
   env: IEnvironment;
   state: State;
   trans: TranslationBundle;
 }): JSX.Element {
   const { env, state, trans } = props;
-  let label: string;
-  let bar: JSX.Element | null = null;
-  switch (state) {
-    case 'ready':
-      label = trans.__('ready');
-      break;
-    case 'evicting':
-      label = trans.__('evicting…');
-      break;
-    case 'failed':
-      label = trans.__('failed');
-      break;
-    case 'problem':
-      label = trans.__('unavailable');
-      break;
-    case 'staging': {
-      const fraction = env.staging?.fraction;
-      if (fraction === null || fraction === undefined) {
-        label = trans.__('staging…');
-        bar = <progress aria-hidden="true" />;
-      } else {
-        const percent = Math.floor(fraction * 100);
-        label = trans.__('staging %1 %', percent);
-        bar = <progress aria-hidden="true" max={100} value={percent} />;
-      }
-      break;
-    }
-    default:
-      label = trans.__('not staged');
+  const facts: string[] = [];
+  if (env.archive_size !== null) {
+    facts.push(trans.__('%1 archive', formatBytes(env.archive_size)));
   }
+  if (env.python_version) {
+    facts.push(trans.__('Python %1', env.python_version));
+  }
+  const packages = packageCount(env);
+  if (packages !== null) {
+    facts.push(trans._n('%1 package', '%1 packages', packages));
+  }
+  const problem = problemText(env);
   return (
-    <td
-      className={`jp-kernelprov-state jp-kernelprov-mod-${state}`}
-      aria-live="polite"
-    >
-      <span className="jp-kernelprov-stateLabel">{label}</span>
-      {bar}
-    </td>
+    <div className="jp-kernelprov-details">
+      {facts.length > 0 && (
+        <p className="jp-kernelprov-facts">{facts.join(' · ')}</p>
+      )}
+      {problem && (
+        <p className="jp-kernelprov-problem">
+          {state === 'failed' && env.last_failure && !env.staging?.error
+            ? trans.__(
+                'The last start failed %1: %2',
+                Time.formatHuman(new Date(env.last_failure.at * 1000)),
+                problem
+              )
+            : problem}
+        </p>
+      )}
+      {env.staging && !env.staging.error && !env.staged && (
+        <div className="jp-kernelprov-progress">
+          <progress
+            max={100}
+            value={
+              env.staging.fraction === null
+                ? undefined
+                : Math.floor(env.staging.fraction * 100)
+            }
+            aria-label={trans.__('Staging progress of %1', env.display_name)}
+          />
+          <span className="jp-kernelprov-progressText">
+            {progressText(env, trans)}
+          </span>
+        </div>
+      )}
+      {env.staged && (
+        <p className="jp-kernelprov-staged" title={env.staged.prefix}>
+          {[
+            trans.__('%1 on this node', formatBytes(env.staged.bytes)),
+            env.staged.used === false
+              ? trans.__(
+                  'staged %1, not used yet',
+                  Time.formatHuman(new Date(env.staged.staged_at * 1000))
+                )
+              : trans.__(
+                  'last used %1',
+                  Time.formatHuman(new Date(env.staged.last_used * 1000))
+                ),
+            ...(env.staged.in_use
+              ? [
+                  trans._n(
+                    'in use by %1 kernel',
+                    'in use by %1 kernels',
+                    env.staged.in_use
+                  )
+                ]
+              : [])
+          ].join(' · ')}
+          <br />
+          <code className="jp-kernelprov-path">{env.staged.prefix}</code>
+        </p>
+      )}
+    </div>
   );
 }
 
-function Details(props: {
+function Actions(props: {
   env: IEnvironment;
-  trans: TranslationBundle;
-}): JSX.Element {
-  const { env, trans } = props;
-  const lines: JSX.Element[] = [];
-  // The Python and package columns give way in a narrow side bar (CSS container queries);
-  // this line repeats them there.
-  if (env.python_version !== null || env.packages !== null) {
-    lines.push(
-      <li key="facts" className="jp-kernelprov-narrowFacts">
-        {env.python_version !== null && (
-          <span className="jp-kernelprov-fact-python">
-            {trans.__('Python %1', env.python_version)}
-          </span>
-        )}
-        {env.packages !== null && (
-          <span className="jp-kernelprov-fact-packages">
-            {trans._n('%1 package', '%1 packages', env.packages)}
-          </span>
-        )}
-      </li>
-    );
-  }
-  for (const problem of env.problems) {
-    lines.push(
-      <li key={`p-${problem}`} className="jp-kernelprov-problem">
-        {problem}
-      </li>
-    );
-  }
-  if (env.staging?.error) {
-    lines.push(
-      <li key="error" className="jp-kernelprov-problem">
-        {env.staging.error}
-      </li>
-    );
-  }
-  if (env.staged) {
-    const staged = env.staged;
-    const parts = [
-      trans.__('%1 on this node', formatBytes(staged.bytes)),
-      trans.__(
-        'last used %1',
-        Time.formatHuman(new Date(staged.last_used * 1000))
-      )
-    ];
-    if (staged.in_use) {
-      parts.push(
-        trans._n('in use by %1 kernel', 'in use by %1 kernels', staged.in_use)
-      );
-    }
-    lines.push(
-      <li key="staged" title={staged.prefix}>
-        {parts.join(' · ')}
-        <br />
-        <code className="jp-kernelprov-path">{staged.prefix}</code>
-      </li>
-    );
-  }
-  return <ul className="jp-kernelprov-details">{lines}</ul>;
-}
-
-function EnvironmentRows(props: {
-  env: IEnvironment;
+  state: State;
   model: EnvironmentsModel;
   actions: IEnvironmentActions;
   trans: TranslationBundle;
 }): JSX.Element {
-  const { env, model, actions, trans } = props;
-  const busyWith = model.busyWith(env.name);
-  const busy = busyWith !== undefined;
-  const state = stateOf(env, busyWith);
-  const blocked = env.problems.length > 0;
+  const { env, state, model, actions, trans } = props;
+  const busy = model.busyWith(env.name) !== undefined;
+  const offline = !model.connected;
   const who = env.display_name;
+  const offlineWhy = trans.__(
+    'The server is not answering; try again once it is back.'
+  );
+  const openWhy = offline
+    ? offlineWhy
+    : env.problems.length
+      ? env.problems[0]
+      : busy
+        ? trans.__('Waiting for the server…')
+        : trans.__('Open a new notebook with this kernel');
+  let stageWhy = trans.__(
+    'Unpack this environment onto this node now, so kernels start fast'
+  );
+  if (offline) {
+    stageWhy = offlineWhy;
+  } else if (env.problems.length) {
+    stageWhy = env.problems[0];
+  } else if (state === 'ready') {
+    stageWhy = trans.__('Already staged on this node');
+  } else if (state === 'staging') {
+    stageWhy = trans.__('Being staged right now');
+  }
+  const inUse = env.staged?.in_use ?? 0;
+  let evictWhy = trans.__('Remove the staged copy from this node');
+  if (offline) {
+    evictWhy = offlineWhy;
+  } else if (!env.staged) {
+    evictWhy = trans.__('Nothing is staged on this node');
+  } else if (inUse) {
+    evictWhy = trans._n(
+      'In use by %1 kernel: shut it down first',
+      'In use by %1 kernels: shut them down first',
+      inUse
+    );
+  }
+  const running = actions.runningKernels(env);
   return (
-    <tbody className="jp-kernelprov-env" data-kernel-name={env.name}>
-      <tr>
-        <th
-          scope="row"
-          className="jp-kernelprov-name"
-          title={env.archive ?? ''}
+    <div
+      className="jp-kernelprov-actions"
+      role="group"
+      aria-label={trans.__('Actions for %1', who)}
+    >
+      <button
+        type="button"
+        className="jp-kernelprov-button jp-mod-accept"
+        title={openWhy}
+        disabled={offline || busy || env.problems.length > 0}
+        onClick={() => actions.openNotebook(env)}
+      >
+        {trans.__('Open notebook')}
+      </button>
+      <button
+        type="button"
+        className="jp-kernelprov-button"
+        title={stageWhy}
+        disabled={
+          offline ||
+          busy ||
+          env.problems.length > 0 ||
+          state === 'ready' ||
+          state === 'staging'
+        }
+        onClick={() => actions.stage(env)}
+      >
+        {state === 'failed' ? trans.__('Retry staging') : trans.__('Stage now')}
+      </button>
+      <button
+        type="button"
+        className="jp-kernelprov-button jp-mod-warn"
+        title={evictWhy}
+        disabled={offline || busy || state !== 'ready' || inUse > 0}
+        onClick={() => actions.evict(env)}
+      >
+        {trans.__('Evict')}
+      </button>
+      {inUse > 0 && running > 0 && (
+        <button
+          type="button"
+          className="jp-kernelprov-button jp-mod-warn"
+          title={trans.__(
+            'Shut down the kernels of this server that run %1',
+            who
+          )}
+          disabled={offline || busy}
+          onClick={() => actions.shutDownKernels(env)}
         >
-          <span className="jp-kernelprov-displayName">{env.display_name}</span>
-          <span className="jp-kernelprov-kernelName">{env.name}</span>
-        </th>
-        <td className="jp-kernelprov-number jp-kernelprov-col-size">
-          {formatBytes(env.archive_size)}
-        </td>
-        <td className="jp-kernelprov-number jp-kernelprov-col-python">
-          {env.python_version ?? '—'}
-        </td>
-        <td className="jp-kernelprov-number jp-kernelprov-col-packages">
-          {env.packages ?? '—'}
-        </td>
-        <StateCell env={env} state={state} trans={trans} />
-      </tr>
-      <tr className="jp-kernelprov-actionsRow">
-        <td colSpan={5}>
-          <Details env={env} trans={trans} />
-          <div
-            className="jp-kernelprov-actions"
-            role="group"
-            aria-label={trans.__('Actions for %1', who)}
-          >
-            <button
-              type="button"
-              className="jp-kernelprov-button jp-mod-accept"
-              aria-label={trans.__('Open notebook on %1', who)}
-              title={trans.__('Open a new notebook with this kernel')}
-              disabled={blocked}
-              onClick={() => actions.openNotebook(env)}
-            >
-              {trans.__('Open notebook')}
-            </button>
-            <button
-              type="button"
-              className="jp-kernelprov-button"
-              aria-label={trans.__('Stage now: %1', who)}
-              title={trans.__(
-                'Unpack this environment onto this node now, so kernels start fast'
-              )}
-              disabled={
-                blocked || busy || state === 'ready' || state === 'staging'
-              }
-              onClick={() => actions.stage(env)}
-            >
-              {trans.__('Stage now')}
-            </button>
-            <button
-              type="button"
-              className="jp-kernelprov-button jp-mod-warn"
-              aria-label={trans.__('Evict: %1', who)}
-              title={trans.__('Remove the staged copy from this node')}
-              disabled={busy || state !== 'ready'}
-              onClick={() => actions.evict(env)}
-            >
-              {trans.__('Evict')}
-            </button>
-          </div>
-        </td>
-      </tr>
-    </tbody>
+          {trans._n(
+            'Shut down the kernel using it',
+            'Shut down the %1 kernels using it',
+            running
+          )}
+        </button>
+      )}
+    </div>
   );
 }
 
-function EnvironmentsTable(props: {
+function EnvironmentRow(props: {
+  env: IEnvironment;
+  model: EnvironmentsModel;
+  actions: IEnvironmentActions;
+  trans: TranslationBundle;
+  expanded: boolean;
+  focused: boolean;
+  onToggle: () => void;
+  onFocus: () => void;
+  onKeyDown: (event: React.KeyboardEvent) => void;
+}): JSX.Element {
+  const { env, model, actions, trans, expanded } = props;
+  const state = stateOf(env, model.busyWith(env.name));
+  const label = stateLabel(env, state, trans);
+  const detailsId = `jp-kernelprov-details-${env.name}`;
+  const Caret = expanded ? caretDownIcon : caretRightIcon;
+  const offline = !model.connected;
+  const hint = problemText(env) ?? env.archive ?? '';
+  return (
+    <li
+      className={`jp-kernelprov-env jp-kernelprov-mod-${state}`}
+      data-kernel-name={env.name}
+    >
+      <div className="jp-kernelprov-rowLine">
+        <button
+          type="button"
+          className="jp-kernelprov-row"
+          aria-expanded={expanded}
+          aria-controls={detailsId}
+          tabIndex={props.focused ? 0 : -1}
+          title={hint}
+          onClick={props.onToggle}
+          onFocus={props.onFocus}
+          onKeyDown={props.onKeyDown}
+        >
+          <Caret.react tag="span" className="jp-kernelprov-caret" />
+          <span className="jp-kernelprov-dot" aria-hidden="true" />
+          <span className="jp-kernelprov-displayName">{env.display_name}</span>
+          <span className="jp-kernelprov-state" aria-live="polite">
+            {label}
+          </span>
+        </button>
+        <button
+          type="button"
+          className="jp-kernelprov-open jp-Button jp-mod-minimal"
+          aria-label={trans.__('Open notebook on %1', env.display_name)}
+          title={trans.__('Open a new notebook with this kernel')}
+          tabIndex={-1}
+          disabled={
+            offline ||
+            env.problems.length > 0 ||
+            model.busyWith(env.name) !== undefined
+          }
+          onClick={() => actions.openNotebook(env)}
+        >
+          <runIcon.react tag="span" />
+        </button>
+      </div>
+      {expanded && (
+        <div
+          id={detailsId}
+          className="jp-kernelprov-expanded"
+          role="region"
+          aria-label={trans.__('Details of %1', env.display_name)}
+        >
+          <Details env={env} state={state} trans={trans} />
+          <Actions
+            env={env}
+            state={state}
+            model={model}
+            actions={actions}
+            trans={trans}
+          />
+        </div>
+      )}
+    </li>
+  );
+}
+
+function Summary(props: {
+  model: EnvironmentsModel;
+  trans: TranslationBundle;
+}): JSX.Element | null {
+  const { model, trans } = props;
+  const names: { [state: string]: string } = {
+    'in-use': trans.__('in use'),
+    ready: trans.__('ready'),
+    staging: trans.__('staging'),
+    problem: trans.__('problem'),
+    'not-staged': trans.__('not staged')
+  };
+  const counts = summarize(model.environments);
+  if (!counts.length) {
+    return null;
+  }
+  return (
+    <p className="jp-kernelprov-summary" role="status">
+      {counts.map(([state, count], i) => (
+        <span
+          key={state}
+          className={`jp-kernelprov-count jp-kernelprov-mod-${state}`}
+        >
+          {i > 0 && ' · '}
+          {`${count} ${names[state]}`}
+        </span>
+      ))}
+    </p>
+  );
+}
+
+function EnvironmentsList(props: {
   model: EnvironmentsModel;
   actions: IEnvironmentActions;
   trans: TranslationBundle;
 }): JSX.Element {
   const { model, actions, trans } = props;
   const [filter, setFilter] = React.useState('');
+  const [expanded, setExpanded] = React.useState<Set<string>>(new Set());
+  const [focused, setFocused] = React.useState<string | null>(null);
+  const listRef = React.useRef<HTMLUListElement>(null);
   const all = model.environments;
   const needle = filter.trim().toLowerCase();
   const shown = needle
@@ -260,23 +420,94 @@ function EnvironmentsTable(props: {
           (env.python_version ?? '').includes(needle)
       )
     : all;
+  const current =
+    focused && shown.some(env => env.name === focused)
+      ? focused
+      : (shown[0]?.name ?? null);
+
+  const toggle = (name: string) => {
+    const next = new Set(expanded);
+    if (next.has(name)) {
+      next.delete(name);
+    } else {
+      next.add(name);
+    }
+    setExpanded(next);
+  };
+  const focusRow = (index: number) => {
+    const env = shown[Math.max(0, Math.min(shown.length - 1, index))];
+    if (!env) {
+      return;
+    }
+    setFocused(env.name);
+    const button = listRef.current?.querySelector<HTMLButtonElement>(
+      `li[data-kernel-name="${CSS.escape(env.name)}"] .jp-kernelprov-row`
+    );
+    button?.focus();
+  };
+  const onKeyDown = (env: IEnvironment, index: number) => {
+    return (event: React.KeyboardEvent) => {
+      switch (event.key) {
+        case 'ArrowDown':
+          focusRow(index + 1);
+          break;
+        case 'ArrowUp':
+          focusRow(index - 1);
+          break;
+        case 'Home':
+          focusRow(0);
+          break;
+        case 'End':
+          focusRow(shown.length - 1);
+          break;
+        case 'ArrowRight':
+          if (!expanded.has(env.name)) {
+            toggle(env.name);
+          }
+          break;
+        case 'ArrowLeft':
+          if (expanded.has(env.name)) {
+            toggle(env.name);
+          }
+          break;
+        case 'Enter':
+          if (model.connected && !env.problems.length) {
+            actions.openNotebook(env);
+          }
+          break;
+        default:
+          return;
+      }
+      event.preventDefault();
+      event.stopPropagation();
+    };
+  };
+
   return (
-    <div className="jp-kernelprov-body">
-      {all.length > FILTER_THRESHOLD && (
-        <input
-          type="search"
-          className="jp-kernelprov-filter jp-mod-styled"
-          placeholder={trans.__('Filter environments')}
-          aria-label={trans.__('Filter environments')}
-          value={filter}
-          onChange={event => setFilter(event.target.value)}
-        />
-      )}
-      {model.error && (
-        <p className="jp-kernelprov-message jp-kernelprov-problem" role="alert">
-          {trans.__('Cannot list environments: %1', model.error)}
-        </p>
-      )}
+    <div
+      className={`jp-kernelprov-body${model.connected ? '' : ' jp-mod-disconnected'}`}
+    >
+      <div className="jp-kernelprov-top">
+        <Summary model={model} trans={trans} />
+        {all.length > FILTER_THRESHOLD && (
+          <input
+            type="search"
+            className="jp-kernelprov-filter jp-mod-styled"
+            placeholder={trans.__('Filter environments')}
+            aria-label={trans.__('Filter environments')}
+            value={filter}
+            onChange={event => setFilter(event.target.value)}
+          />
+        )}
+        {model.error && (
+          <p
+            className="jp-kernelprov-message jp-kernelprov-problem"
+            role="alert"
+          >
+            {trans.__('Cannot list environments: %1', model.error)}
+          </p>
+        )}
+      </div>
       {!model.loading && all.length === 0 && !model.error && (
         <p className="jp-kernelprov-message">
           {trans.__(
@@ -285,45 +516,26 @@ function EnvironmentsTable(props: {
         </p>
       )}
       {shown.length > 0 && (
-        <table
-          className="jp-kernelprov-table"
+        <ul
+          className="jp-kernelprov-list"
           aria-label={trans.__('Packed environments')}
+          ref={listRef}
         >
-          <thead>
-            <tr>
-              <th scope="col">{trans.__('Name')}</th>
-              <th
-                scope="col"
-                className="jp-kernelprov-number jp-kernelprov-col-size"
-                title={trans.__('Archive size')}
-              >
-                {trans.__('Size')}
-              </th>
-              <th
-                scope="col"
-                className="jp-kernelprov-number jp-kernelprov-col-python"
-              >
-                {trans.__('Python')}
-              </th>
-              <th
-                scope="col"
-                className="jp-kernelprov-number jp-kernelprov-col-packages"
-              >
-                <abbr title={trans.__('Packages')}>{trans.__('Pkgs')}</abbr>
-              </th>
-              <th scope="col">{trans.__('State')}</th>
-            </tr>
-          </thead>
-          {shown.map(env => (
-            <EnvironmentRows
+          {shown.map((env, index) => (
+            <EnvironmentRow
               key={env.name}
               env={env}
               model={model}
               actions={actions}
               trans={trans}
+              expanded={expanded.has(env.name)}
+              focused={env.name === current}
+              onToggle={() => toggle(env.name)}
+              onFocus={() => setFocused(env.name)}
+              onKeyDown={onKeyDown(env, index)}
             />
           ))}
-        </table>
+        </ul>
       )}
       {needle && shown.length === 0 && all.length > 0 && (
         <p className="jp-kernelprov-message">
@@ -340,7 +552,7 @@ function EnvironmentsTable(props: {
 }
 
 /**
- * The table of environments, re-rendered whenever the model changes.
+ * The list of environments, re-rendered whenever the model changes.
  */
 export class EnvironmentsView extends ReactWidget {
   constructor(
@@ -359,7 +571,7 @@ export class EnvironmentsView extends ReactWidget {
     return (
       <UseSignal signal={this._model.changed}>
         {() => (
-          <EnvironmentsTable
+          <EnvironmentsList
             model={this._model}
             actions={this._actions}
             trans={this._trans}

@@ -1,0 +1,111 @@
+/**
+ * The status bar item that shows a kernel start's unpack ("Unpacking Python (demo): 37 % ·
+ * about 20 s left"), fed by kernelprov's events on jupyter_server's event bus.
+ */
+import { Event } from '@jupyterlab/services';
+import { TranslationBundle } from '@jupyterlab/translation';
+import { ISignal, Signal } from '@lumino/signaling';
+import { Widget } from '@lumino/widgets';
+
+import { formatBytes, formatDuration } from './state';
+
+/** The event schema kernelprov's provisioner emits (kernelprov/jupyter/events/). */
+export const STAGING_SCHEMA = 'https://events.kernelprov.org/staging';
+
+/** One staging event, as the provisioner emits it. */
+export interface IStagingEvent {
+  action: 'started' | 'progress' | 'finished' | 'failed';
+  kernel_id: string;
+  kernel_name?: string;
+  display_name?: string;
+  done?: number;
+  total?: number;
+  fraction?: number | null;
+  elapsed?: number;
+  eta?: number | null;
+  seconds?: number;
+  reused?: boolean;
+  message?: string;
+}
+
+/** The kernelprov staging event in an event bus emission, or null for any other event. */
+export function stagingEvent(emission: Event.Emission): IStagingEvent | null {
+  if (!String(emission.schema_id).startsWith(STAGING_SCHEMA)) {
+    return null;
+  }
+  const event = emission as unknown as IStagingEvent;
+  if (typeof event.kernel_id !== 'string' || typeof event.action !== 'string') {
+    return null;
+  }
+  return event;
+}
+
+/**
+ * The status bar item: active while at least one kernel start unpacks.
+ */
+export class StagingStatus extends Widget {
+  constructor(trans: TranslationBundle) {
+    super();
+    this._trans = trans;
+    this.addClass('jp-kernelprov-status');
+    this.node.setAttribute('role', 'status');
+  }
+
+  /** Whether a kernel start is unpacking (the status bar shows the item only then). */
+  get active(): boolean {
+    return this._starts.size > 0;
+  }
+
+  /** Emitted when `active` may have changed. */
+  get changed(): ISignal<this, void> {
+    return this._changed;
+  }
+
+  /** Take one event. */
+  take(event: IStagingEvent): void {
+    if (event.action === 'finished' || event.action === 'failed') {
+      this._starts.delete(event.kernel_id);
+    } else {
+      this._starts.set(event.kernel_id, {
+        ...this._starts.get(event.kernel_id),
+        ...event
+      });
+    }
+    this._render();
+    this._changed.emit();
+  }
+
+  private _render(): void {
+    const trans = this._trans;
+    const texts = [...this._starts.values()].map(event => {
+      const who = event.display_name ?? event.kernel_name ?? '';
+      const parts: string[] = [];
+      if (event.fraction !== null && event.fraction !== undefined) {
+        parts.push(trans.__('%1 %', Math.floor(event.fraction * 100)));
+      }
+      if (event.total) {
+        parts.push(
+          trans.__(
+            '%1 of %2',
+            formatBytes(event.done ?? 0),
+            formatBytes(event.total)
+          )
+        );
+      }
+      if (event.eta !== null && event.eta !== undefined) {
+        parts.push(trans.__('about %1 left', formatDuration(event.eta)));
+      }
+      return parts.length
+        ? trans.__('Unpacking %1: %2', who, parts.join(' · '))
+        : trans.__('Unpacking %1…', who);
+    });
+    this.node.textContent = texts.join(' | ');
+    this.node.title = trans.__(
+      'kernelprov unpacks the environment onto this node once; later starts reuse it'
+    );
+  }
+
+  private _changed = new Signal<this, void>(this);
+  private _starts = new Map<string, IStagingEvent>();
+  private _trans: TranslationBundle;
+}
