@@ -1,5 +1,5 @@
 import { IDisposable } from '@lumino/disposable';
-import { IPoll, Poll } from '@lumino/polling';
+import { Poll } from '@lumino/polling';
 import { ISignal, Signal } from '@lumino/signaling';
 
 import { IEnvironment, IEnvironmentsAPI } from './request';
@@ -77,9 +77,9 @@ export class EnvironmentsModel implements IDisposable {
     return this._loading;
   }
 
-  /** The full poll's current frequency (the unit tests check its backoff). */
-  get frequency(): IPoll.Frequency {
-    return this._poll.frequency;
+  /** Milliseconds until the full poll's next tick: grows while the server does not answer. */
+  get pollInterval(): number {
+    return this._poll.state.interval;
   }
 
   /** Whether the fast staging poll runs. */
