@@ -55,6 +55,9 @@ BAD_SHAPES = {
     "members as text": (_with(members="10"), "'members' = \"10\""),
     "unpacked bytes as a dict": (_with(unpacked_bytes={"a": 1}), "'unpacked_bytes' = {\"a\": 1}"),
     "packages as a float": (_with(packages=3.0), "'packages' = 3.0"),
+    "pip packages as text": (_with(pip_packages="2"), "'pip_packages' = \"2\", which should be a package count"),
+    "negative pip packages": (_with(pip_packages=-1), "'pip_packages' = -1"),
+    "pip packages as a boolean": (_with(pip_packages=False), "'pip_packages' = false"),
     "python version as a number": (_with(python_version=3.11), "'python_version' = 3.11"),
     "dest prefix as a number": (_with(dest_prefix=5), "'dest_prefix' = 5"),
     "created as text": (_with(created="yesterday"), "'created' = \"yesterday\""),
@@ -115,6 +118,17 @@ def test_a_good_manifest_round_trips_and_tolerates_optional_and_unknown_fields(t
     minimal = {"kernelprov_manifest": 1, "format": "tar", "size": 0, "sha256": "0" * 64, "from_the_future": [1]}
     manifest_path(archive).write_text(json.dumps(minimal))
     assert read_manifest(archive) == Manifest(format="tar", size=0, sha256="0" * 64)
+
+
+def test_pip_packages_round_trips_and_manifests_written_before_it_still_load(tmp_path):
+    archive = _write(tmp_path, GOOD)  # as an older kernelprov wrote it: no pip_packages
+    older = read_manifest(archive)
+    assert older.pip_packages is None and older.packages == 3
+
+    older.pip_packages = 7
+    write_manifest(archive, older)
+    assert json.loads(manifest_path(archive).read_text())["pip_packages"] == 7
+    assert read_manifest(archive) == older
 
 
 def test_a_foreign_json_object_is_not_a_kernelprov_manifest(tmp_path):

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -24,18 +25,42 @@ from ..errors import KernelprovError, KernelspecError
 log = logging.getLogger("kernelprov")
 
 
+_CACHE_DIR_HELP = "node-local cache root (default: $KERNELPROV_CACHE_DIR, $SLURM_TMPDIR, $TMPDIR, then /tmp)"
+
+
+def _common_options(default) -> argparse.ArgumentParser:
+    """The options every command takes, before or after its name (``kernelprov install x --debug``).
+
+    The top-level parser gets real defaults; each subcommand gets ``SUPPRESS``, so an option
+    given before the subcommand is not overwritten by the subcommand's default."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=default(False), help="log what happens, with tracebacks")
+    common.add_argument("--cache-dir", metavar="DIR", default=default(None), help=_CACHE_DIR_HELP)
+    return common
+
+
+def _add_location_flags(parser: argparse.ArgumentParser, verb: str) -> None:
+    """Where a kernel goes (``install``) or is removed from (``remove``), as ``jupyter kernelspec`` says it.
+
+    One helper for both, so that a kernel installed with a flag is removed with the same flag."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help=f"{verb} this user's kernels dir (the default)")
+    where.add_argument("--sys-prefix", action="store_true", help=f"{verb} {sys.prefix}/share/jupyter/kernels")
+    where.add_argument("--prefix", metavar="DIR", help=f"{verb} DIR/share/jupyter/kernels")
+    where.add_argument("--kernels-dir", metavar="DIR", help=f"{verb} a kernels dir such as /apps/jupyterhub/kernels")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kernelprov",
         description="Run Jupyter kernels from packed conda environments staged on node-local disk.",
+        parents=[_common_options(lambda value: value)],
     )
     parser.add_argument("--version", action="version", version=f"kernelprov {__version__}")
-    parser.add_argument("--debug", action="store_true", help="log what happens, with tracebacks")
-    parser.add_argument("--cache-dir", help="node-local cache root (default: $KERNELPROV_CACHE_DIR, "
-                        "$SLURM_TMPDIR, $TMPDIR, then /tmp)")
+    common = _common_options(lambda _value: argparse.SUPPRESS)
+    # Every subcommand (and each of cache's actions) takes the common options after its name too.
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    install = sub.add_parser("install", help="pack an env (or take an archive) and install its kernel")
+    install = sub.add_parser("install", parents=[common], help="pack an env (or take an archive) and install its kernel")
     install.add_argument("name", help="kernel name; also the conda env name unless --env-prefix/--archive")
     source = install.add_mutually_exclusive_group()
     source.add_argument("--env-prefix", metavar="PATH", help="the conda env to pack, by path")
@@ -44,50 +69,51 @@ def _parser() -> argparse.ArgumentParser:
                          help="where to write the packed archive (default: inside the kernel dir)")
     install.add_argument("--format", choices=FORMAT_NAMES,
                          help="archive format when packing (default: tar.zst)")
-    where = install.add_mutually_exclusive_group()
-    where.add_argument("--user", action="store_true", help="install for this user (the default)")
-    where.add_argument("--sys-prefix", action="store_true", help=f"install into {sys.prefix}")
-    where.add_argument("--prefix", metavar="DIR", help="install into DIR/share/jupyter/kernels")
-    where.add_argument("--kernels-dir", metavar="DIR", help="install into a kernels dir such as /apps/jupyterhub/kernels")
+    _add_location_flags(install, "install into")
     install.add_argument("--display-name", help="name shown in JupyterLab (default: 'Python (NAME)')")
     install.add_argument("--replace", action="store_true", help="overwrite an existing kernel of that name")
+    install.add_argument("--plain-twin", action="store_true",
+                         help="also write NAME-plain, the same kernel without the provisioner, for clients "
+                              "where kernelprov is not installed (nbclient, papermill, jupyter console)")
     install.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                          help="environment variable for the kernel (repeatable)")
 
-    pack = sub.add_parser("pack", help="pack a conda env into an archive with a manifest")
+    pack = sub.add_parser("pack", parents=[common], help="pack a conda env into an archive with a manifest")
     pack.add_argument("name", nargs="?", help="conda env name")
     pack.add_argument("--env-prefix", metavar="PATH", help="the conda env to pack, by path")
     pack.add_argument("-o", "--output", metavar="FILE", required=True, help="archive to write")
     pack.add_argument("--format", choices=FORMAT_NAMES, help="archive format (default: from the -o name, else tar.zst)")
     pack.add_argument("--force", action="store_true", help="overwrite an existing archive")
 
-    listing = sub.add_parser("list", help="list kernelprov kernels and whether each is staged here")
+    listing = sub.add_parser("list", parents=[common], help="list kernelprov kernels and whether each is staged here")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.add_argument("--kernels-dir", action="append", default=[], metavar="DIR",
                          help="also look in DIR (repeatable)")
 
-    remove = sub.add_parser("remove", help="remove a kernelprov kernel")
+    remove = sub.add_parser("remove", parents=[common], help="remove a kernelprov kernel")
     remove.add_argument("name")
-    remove.add_argument("--kernels-dir", action="append", default=[], metavar="DIR")
+    _add_location_flags(remove, "remove from")
+    remove.add_argument("--evict", action="store_true", help="also remove its staged copy from this node's cache")
 
-    unpack = sub.add_parser("unpack", help="stage an archive now and print its prefix (pre-warm)")
+    unpack = sub.add_parser("unpack", parents=[common], help="stage an archive now and print its prefix (pre-warm)")
     unpack.add_argument("archive")
     unpack.add_argument("-q", "--quiet", action="store_true", help="print only the prefix")
     unpack.add_argument("--lease", type=int, metavar="PID",
                         help="lease the env for process PID before printing it (run.sh passes its own $$)")
 
-    cache = sub.add_parser("cache", help="inspect or clean this user's node-local cache")
+    cache = sub.add_parser("cache", parents=[common], help="inspect or clean this user's node-local cache")
     cache_sub = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
-    cache_list = cache_sub.add_parser("list", help="staged envs, their size and last use")
+    cache_list = cache_sub.add_parser("list", parents=[common], help="staged envs, the kernels using them, size and last use")
     cache_list.add_argument("--json", action="store_true")
-    cache_sub.add_parser("clean", help="remove every staged env not being staged right now")
+    clean_help = "remove every staged env that no running kernel uses; envs in use or being staged are kept"
+    cache_sub.add_parser("clean", parents=[common], help=clean_help, description=clean_help[0].upper() + clean_help[1:] + ".")
 
-    doctor = sub.add_parser("doctor", help="check why a kernel would not start, and say what to fix")
+    doctor = sub.add_parser("doctor", parents=[common], help="check why a kernel would not start, and say what to fix")
     doctor.add_argument("name", nargs="?", help="one kernel (default: every kernelprov kernel)")
     doctor.add_argument("--kernels-dir", action="append", default=[], metavar="DIR")
     doctor.add_argument("--no-hash", action="store_true", help="skip re-hashing archives against their manifests")
 
-    sub.add_parser("demo", help="build a demo env, install it as a kernel in a scratch dir, start it")
+    sub.add_parser("demo", parents=[common], help="build a demo env, install it as a kernel in a scratch dir, start it")
     return parser
 
 
@@ -147,9 +173,13 @@ def _cmd_install(args) -> int:
     installed = install_kernel(
         args.name, kernels_dir, env_prefix=args.env_prefix, archive=args.archive, output=args.output, fmt=args.format,
         display_name=args.display_name, env=_parse_env(args.env), replace=args.replace, verbose=sys.stderr.isatty(),
-        on_pack=lambda source, destination: print(f"Packing {source} into {destination} ...", file=sys.stderr),
+        plain_twin=args.plain_twin,
+        # stdout, as progress: a failure that follows is then the one line on stderr
+        on_pack=lambda source, destination: print(f"Packing {source} into {destination} ...", flush=True),
     )
     print(f"Installed kernel {installed.name!r} in {installed.resource_dir} (archive: {installed.archive})")
+    if installed.plain_twin is not None:
+        print(f"Installed its plain twin {installed.plain_twin.name!r} in {installed.plain_twin}")
     if args.kernels_dir or args.prefix or args.sys_prefix:
         from .doctor import shared_access_findings
 
@@ -220,11 +250,53 @@ def _print_table(headers: Sequence[str], rows: list[Sequence[str]]) -> None:
 
 
 def _cmd_remove(args) -> int:
-    from ..jupyter.kernelspecs import remove_kernel
+    from ..engine.inventory import evict, find_staged
+    from ..jupyter import kernelspecs
 
-    kernel = remove_kernel(args.name, args.kernels_dir)
+    kernels_dir = kernelspecs.kernels_dir_for(sys_prefix=args.sys_prefix, prefix=args.prefix, kernels_dir=args.kernels_dir)
+    kernel = _kernel_in(kernels_dir, args.name)
+    cache_root = _settings(args).cache_dir
+    # Looked up first: a kernel's own archive goes with its dir, and the staged copy is found by it.
+    staged = find_staged(kernel.archive, cache_root=cache_root) if kernel.archive else None
+    if staged is not None and args.evict:
+        evict(kernel.archive, cache_root=cache_root)  # refuses while a kernel runs, before anything is removed
+    try:
+        shutil.rmtree(kernel.resource_dir)
+    except OSError as err:
+        raise KernelspecError(f"Cannot remove {kernel.resource_dir}: {err.strerror}.") from err
     print(f"Removed kernel {kernel.name!r} from {kernel.resource_dir}")
+    if staged is not None and args.evict:
+        print(f"Removed its staged environment {staged.prefix} ({staged.env_bytes / 1e6:.1f} MB) from this node.")
+    elif staged is not None:
+        print(f"Its environment is still staged on this node ({staged.prefix}, {staged.env_bytes / 1e6:.1f} MB); "
+              "`kernelprov cache clean` removes staged envs no kernel is using.")
     return 0
+
+
+def _kernel_in(kernels_dir: Path, name: str):
+    """The kernelprov kernel ``name`` in ``kernels_dir`` (the one ``remove``'s location flags name).
+
+    Called by :func:`_cmd_remove`. When it is not there but elsewhere on the Jupyter path, the
+    error says which flag reaches it."""
+    from ..jupyter import kernelspecs
+
+    resource_dir = kernels_dir / kernelspecs.validate_name(name)
+    try:
+        spec = json.loads((resource_dir / "kernel.json").read_text())
+    except FileNotFoundError:
+        spec = None
+    except (OSError, ValueError) as err:
+        raise KernelspecError(f"Cannot read {resource_dir / 'kernel.json'} ({err}); remove {resource_dir} by hand.") from err
+    kernel = kernelspecs.kernel_from_spec(name, resource_dir, spec) if isinstance(spec, dict) else None
+    if kernel is not None:
+        return kernel
+    elsewhere = [k.resource_dir.parent for k in kernelspecs.find_kernels() if k.name == name and k.resource_dir != resource_dir]
+    if elsewhere:
+        sys_kernels = Path(sys.prefix) / "share" / "jupyter" / "kernels"
+        flag = "--sys-prefix" if elsewhere[0] == sys_kernels else f"--kernels-dir {elsewhere[0]}"
+        raise KernelspecError(f"No kernelprov kernel named {name!r} in {kernels_dir}; it is in {elsewhere[0]}: "
+                              f"remove it with `kernelprov remove {name} {flag}`.")
+    raise KernelspecError(f"No kernelprov kernel named {name!r} in {kernels_dir}; `kernelprov list` shows the installed ones.")
 
 
 def _cmd_unpack(args) -> int:
@@ -248,20 +320,35 @@ def _cmd_cache(args) -> int:
               + (f" Kept {len(kept)} in use or being staged." if kept else ""))
         return 0
     entries = staged_entries(cache_root=settings.cache_dir)
+    kernels = _kernels_by_archive() if entries else {}
+    rows = [(e, kernels.get(os.path.realpath(e.archive), []), os.path.exists(e.archive)) for e in entries]
     if args.json:
         print(json.dumps([{
-            "name": e.name, "key": e.key, "prefix": str(e.prefix), "archive": e.archive,
-            "bytes": e.env_bytes, "members": e.members, "staged_at": e.staged_at, "last_used": e.last_used,
-            "in_use": e.in_use,
-        } for e in entries], indent=2))
+            "name": e.name, "kernels": names, "key": e.key, "prefix": str(e.prefix), "archive": e.archive,
+            "archive_exists": exists, "bytes": e.env_bytes, "members": e.members, "staged_at": e.staged_at,
+            "last_used": e.last_used, "in_use": e.in_use,
+        } for e, names, exists in rows], indent=2))
         return 0
     if not entries:
         print(f"No staged environments on this node ({', '.join(map(str, user_dirs(settings.cache_dir)))}).")
         return 0
-    _print_table(("name", "size", "last used", "in use", "prefix", "archive"), [
-        (e.name, f"{e.env_bytes / 1e6:.1f} MB", time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)),
-         f"{e.in_use} kernel(s)" if e.in_use else "no", str(e.prefix), e.archive) for e in entries])
+    _print_table(("kernel", "size", "last used", "in use", "prefix", "archive"), [
+        (", ".join(names) or e.name, f"{e.env_bytes / 1e6:.1f} MB",
+         time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)), f"{e.in_use} kernel(s)" if e.in_use else "no",
+         str(e.prefix), e.archive + ("" if exists else " (archive missing)")) for e, names, exists in rows])
     return 0
+
+
+def _kernels_by_archive() -> dict[str, list[str]]:
+    """The installed kernels that run from each archive (by its real path), so that ``cache
+    list`` names a staged env by its kernels rather than by its archive's file name."""
+    from ..jupyter.kernelspecs import find_kernels
+
+    found: dict[str, list[str]] = {}
+    for kernel in find_kernels():
+        if kernel.archive is not None:
+            found.setdefault(os.path.realpath(kernel.archive), []).append(kernel.name)
+    return found
 
 
 def _cmd_doctor(args) -> int:

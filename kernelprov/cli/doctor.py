@@ -1,7 +1,9 @@
 """``kernelprov doctor [NAME]``: check a kernel the way an admin debugging "my kernel does not
 start" would, and say what to fix.
 
-Called by the CLI. Each check returns a :class:`Finding`; nothing here changes anything.
+Called by the CLI. Each check returns a :class:`Finding`; nothing here changes anything — not
+even the cache, which is looked at (stat, ``os.access``) but never created. Every check runs and
+reports, whatever an earlier one found: one broken thing must not hide the others.
 """
 
 from __future__ import annotations
@@ -9,14 +11,16 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from ..engine import cache
 from ..engine.archive import check_allowed, not_a_conda_env
 from ..engine.formats import detect_format
-from ..engine.inventory import find_staged, user_dirs
+from ..engine.inventory import find_staged
 from ..engine.manifest import read_manifest
+from ..engine.securedir import open_private_child, open_trusted_dir, user_name
 from ..errors import KernelprovError
 from ..jupyter.kernelspecs import PROVISIONER_NAME, KernelprovKernel, system_tool
 
@@ -36,13 +40,25 @@ class Finding:
 
 
 def check_kernel(kernel: KernelprovKernel, settings, *, verify_hash: bool = True) -> list[Finding]:
-    """Every check for one kernel, in the order a start would trip over them."""
-    findings = [_check_run_sh(kernel)]
-    findings += _check_archive(kernel, settings, verify_hash)
-    findings.append(_check_visible_under_jupyterhub(kernel))
+    """Every check for one kernel, in the order a start would trip over them.
+
+    Called by ``kernelprov doctor`` for each kernel; a check that fails to run is reported as
+    its own finding and the others still run."""
+    findings = _guarded("run.sh", lambda: [_check_run_sh(kernel)])
+    findings += _guarded("the archive", lambda: _check_archive(kernel, settings, verify_hash))
+    findings += _guarded("the cache", lambda: _check_cache_for(kernel, settings))
+    findings += _guarded("the kernel dir", lambda: [_check_visible_under_jupyterhub(kernel)])
     if not _in_user_data_dir(kernel.resource_dir):
-        findings += shared_access_findings(stager_python(kernel), kernel.archive)
+        findings += _guarded("access for other users", lambda: shared_access_findings(stager_python(kernel), kernel.archive))
     return findings
+
+
+def _guarded(what: str, check: Callable[[], list[Finding]]) -> list[Finding]:
+    """Run one check; what stops it (a kernelprov error, an OS error) becomes its finding."""
+    try:
+        return check()
+    except (KernelprovError, OSError) as err:
+        return [Finding(False, f"{what} could not be checked", " ".join(str(err).split()))]
 
 
 def stager_python(kernel: KernelprovKernel) -> str | None:
@@ -100,17 +116,98 @@ def _in_user_data_dir(path: Path) -> bool:
 
 def check_node(settings) -> list[Finding]:
     """Checks that do not depend on a kernel: provisioner installed, cache usable, leases."""
-    findings = [_check_provisioner()]
-    try:
-        dirs = user_dirs(settings.cache_dir)
-        vfs = os.statvfs(dirs[0])
-        findings.append(Finding(True, f"cache {dirs[0]} is private to you; {vfs.f_bavail * vfs.f_frsize / 1e9:.1f} GB "
-                                      f"and {vfs.f_favail} files free"))
-    except KernelprovError as err:
-        findings.append(Finding(False, "the node-local cache is unusable", str(err)))
+    findings = _guarded("the provisioner", lambda: [_check_provisioner()])
+    findings += _guarded("the node-local cache", lambda: [cache_state(settings).finding])
     findings.append(Finding(bool(system_tool("flock")), "flock is available for kernel leases",
                             "install util-linux: without flock, envs in use are not protected from eviction"))
     return findings
+
+
+_CACHE_FIX = "set KERNELPROV_CACHE_DIR (or --cache-dir DIR) to a writable directory on a local disk"
+
+
+@dataclass
+class CacheState:
+    """This user's node-local cache as ``doctor`` finds it, without creating any of it."""
+
+    finding: Finding
+    #: This user's private cache dir when one exists and is usable (only then is it searched)
+    user_dir: Path | None
+    #: Free bytes where envs would be staged (None: not known)
+    free: int | None
+
+
+def cache_state(settings) -> CacheState:
+    """Is the cache root usable by this user, and where is this user's dir in it? Read-only.
+
+    Called by :func:`check_node` and for each kernel's room and staged checks. Stats the root and
+    checks writability with ``os.access``; never creates the root or ``kernelprov-<user>``
+    (which the first kernel start does), so running ``doctor`` leaves no trace on a node.
+    """
+    root = Path(settings.cache_dir).expanduser().absolute()
+    existing = next((p for p in (root, *root.parents) if os.path.lexists(p)), Path("/"))
+    if not existing.is_dir():
+        return CacheState(Finding(False, f"the cache root {root} cannot be used: {existing} is not a directory", _CACHE_FIX),
+                          None, None)
+    free = _free_bytes(existing)
+    if existing != root:
+        if os.access(existing, os.W_OK | os.X_OK):
+            what = f"the cache root {root} does not exist yet; the first kernel start creates it{_room(existing)}"
+            return CacheState(Finding(True, what), None, free)
+        what = f"the cache root {root} does not exist and {existing} is not writable by you"
+        return CacheState(Finding(False, what, _CACHE_FIX), None, free)
+    try:
+        _root, root_fd = open_trusted_dir(root, create=False)
+    except KernelprovError as err:
+        return CacheState(Finding(False, f"the cache root {root} is unsafe to use", str(err)), None, free)
+    base = f"kernelprov-{user_name()}"
+    try:
+        fd, problem = open_private_child(root_fd, base, create=False)
+    finally:
+        os.close(root_fd)
+    if fd is not None:
+        os.close(fd)
+        user_dir = root / base
+    else:
+        user_dir = next((p for p in sorted(root.glob(f"{base}.*")) if _is_private_dir(p)), None)
+    writable_root = os.access(root, os.W_OK | os.X_OK)
+    if user_dir is None:
+        # No dir of ours yet (or only a squatted one): the first start must make one in the root.
+        state = "does not exist yet" if problem == "does not exist" else f"{problem}, so a private fallback will be made"
+        what = f"cache {root / base} {state}"
+        if writable_root:
+            return CacheState(Finding(True, f"{what}; the first kernel start creates it{_room(root)}"), None, free)
+        return CacheState(Finding(False, f"{what}, but the cache root {root} is not writable by you", _CACHE_FIX), None, free)
+    free = _free_bytes(user_dir)
+    if not os.access(user_dir, os.W_OK | os.X_OK):
+        return CacheState(Finding(False, f"cache {user_dir} is not writable by you", _CACHE_FIX), user_dir, free)
+    return CacheState(Finding(True, f"cache {user_dir} is private to you{_room(user_dir)}"), user_dir, free)
+
+
+def _is_private_dir(path: Path) -> bool:
+    """A fallback dir the stager would use: a real directory of ours, closed to others."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        vfs = os.statvfs(path)
+    except OSError:
+        return None
+    return vfs.f_bavail * vfs.f_frsize
+
+
+def _room(path: Path) -> str:
+    """"; 12.3 GB and 456789 files free" on the file system of ``path``, for a cache finding."""
+    try:
+        vfs = os.statvfs(path)
+    except OSError:
+        return ""
+    return f"; {vfs.f_bavail * vfs.f_frsize / 1e9:.1f} GB and {vfs.f_favail} files free"
 
 
 def _check_run_sh(kernel: KernelprovKernel) -> Finding:
@@ -136,9 +233,13 @@ def _check_archive(kernel: KernelprovKernel, settings, verify_hash: bool) -> lis
     archive = kernel.archive
     if archive is None:
         return [Finding(False, "kernel.json names no archive", "reinstall with `kernelprov install NAME --archive FILE`")]
+    if not archive.exists():
+        return [Finding(False, f"archive {archive} does not exist",
+                        f"it is missing: restore it to {archive}, or reinstall the kernel with "
+                        f"`kernelprov install {kernel.name} --env-prefix ENV --replace` (or `--archive FILE --replace`)")]
     if not archive.is_file() or not os.access(archive, os.R_OK):
-        state = "does not exist" if not archive.exists() else "is not readable by you"
-        return [Finding(False, f"archive {archive} {state}", f"restore it, or `chmod a+r {archive}` for shared kernels")]
+        return [Finding(False, f"archive {archive} is not readable by you", f"`chmod a+r {archive}` (shared kernels: "
+                        "and a+x on each parent directory)")]
     findings = [Finding(True, f"archive {archive} is readable ({archive.stat().st_size / 1e6:.0f} MB, {detect_format(archive)})")]
     try:
         manifest = read_manifest(archive)
@@ -154,12 +255,18 @@ def _check_archive(kernel: KernelprovKernel, settings, verify_hash: bool) -> lis
     elif verify_hash:
         from ..engine.extract import scan
 
-        found = scan(archive)
-        ok = found.sha256 == manifest.sha256
-        findings.append(Finding(ok, "archive matches its manifest's sha256" if ok else "archive does not match its manifest's sha256",
-                                "" if ok else "it is corrupt or was replaced: re-create it with `kernelprov pack`"))
-        if manifest.conda_env is None and found.conda_env is not None:
-            manifest.conda_env = found.conda_env
+        try:
+            found = scan(archive)
+        except KernelprovError as err:
+            findings.append(Finding(False, "archive cannot be read", str(err)))
+            found = None
+        if found is not None:
+            ok = found.sha256 == manifest.sha256
+            findings.append(Finding(ok, "archive matches its manifest's sha256" if ok
+                                    else "archive does not match its manifest's sha256",
+                                    "" if ok else "it is corrupt or was replaced: re-create it with `kernelprov pack`"))
+            if manifest.conda_env is None and found.conda_env is not None:
+                manifest.conda_env = found.conda_env
     if manifest is not None and manifest.conda_env is False:
         findings.append(Finding(False, "archive holds no conda env (no bin/python or conda-meta/)", str(not_a_conda_env(archive))))
     elif manifest is not None and manifest.conda_env:
@@ -171,13 +278,26 @@ def _check_archive(kernel: KernelprovKernel, settings, verify_hash: bool) -> lis
             findings.append(Finding(True, "archive is inside the site's allowed archive roots"))
         except KernelprovError as err:
             findings.append(Finding(False, "archive is outside the site's allowed archive roots", str(err)))
-    if manifest is not None and manifest.unpacked_bytes:
-        vfs = os.statvfs(cache.user_cache_dir(Path(settings.cache_dir)))
-        free = vfs.f_bavail * vfs.f_frsize
-        ok = free >= manifest.unpacked_bytes
-        findings.append(Finding(ok, f"the cache has room for it ({manifest.unpacked_bytes / 1e6:.0f} MB needed, {free / 1e6:.0f} MB free)",
+    return findings
+
+
+def _check_cache_for(kernel: KernelprovKernel, settings) -> list[Finding]:
+    """Room in the cache for the kernel's env, and whether it is staged here (read-only)."""
+    archive = kernel.archive
+    if archive is None or not archive.is_file():
+        return []
+    state = cache_state(settings)
+    findings = []
+    try:
+        manifest = read_manifest(archive)
+    except KernelprovError:
+        manifest = None  # reported by _check_archive
+    if manifest is not None and manifest.unpacked_bytes and state.free is not None:
+        ok = state.free >= manifest.unpacked_bytes
+        findings.append(Finding(ok, f"the cache has room for it ({manifest.unpacked_bytes / 1e6:.0f} MB needed, {state.free / 1e6:.0f} MB free)",
                                 "" if ok else "free space (`kernelprov cache clean`) or set KERNELPROV_CACHE_DIR"))
-    staged = find_staged(archive, cache_root=settings.cache_dir)
+    # Only an existing dir of ours is searched: looking it up otherwise would create it.
+    staged = find_staged(archive, cache_root=settings.cache_dir) if state.user_dir is not None else None
     findings.append(Finding(True, f"staged on this node at {staged.prefix}" if staged else "not staged on this node yet"))
     return findings
 

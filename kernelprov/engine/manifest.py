@@ -42,6 +42,9 @@ class Manifest:
     created: float | None = None
     #: Holds ``conda-meta/`` and ``bin/python`` (None: not known, e.g. an image or an old manifest)
     conda_env: bool | None = None
+    #: Distributions pip installed (``*.dist-info``/``*.egg-info`` in site-packages that no conda
+    #: record owns), which ``packages`` does not count (None: not known, e.g. an old manifest)
+    pip_packages: int | None = None
 
 
 #: A manifest is a few hundred bytes; refuse to read a sidecar that is anything but small.
@@ -61,6 +64,7 @@ _FIELDS: dict[str, tuple[tuple[type, ...], str]] = {
     "dest_prefix": ((str, type(None)), "a path or null"),
     "created": ((int, float, type(None)), "a Unix time or null"),
     "conda_env": ((bool, type(None)), "true, false or null"),
+    "pip_packages": ((int, type(None)), "a package count (an integer, 0 or more) or null"),
 }
 _REQUIRED = ("format", "size", "sha256")
 
@@ -155,7 +159,7 @@ def write_manifest(archive: Path, manifest: Manifest) -> Path:
 
 def manifest_for(archive: Path, **details) -> Manifest:
     """Scan ``archive`` once (hash, members, unpacked size) into a manifest; ``details`` adds
-    what the packer knows (python version, package count, source prefix).
+    what the packer knows (python version, conda and pip package counts, source prefix).
 
     Called at pack and install time, never at a kernel start.
     """

@@ -2,23 +2,32 @@
 
 Called by ``kernelprov pack`` and ``kernelprov install``. The archive is written under a temporary
 name beside its destination and renamed into place only when complete, so a half-written archive
-never sits where a kernel would read it; its manifest (sha256, size, python version, package
-count) is written next to it for the stage engine to verify against.
+never sits where a kernel would read it; its manifest (sha256, size, python version, conda and
+pip package counts) is written next to it for the stage engine to verify against. For an archive
+made elsewhere (``install --archive``), the python version and package counts are read from the
+``conda-meta/`` records inside it, streamed once and never extracted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import logging
 import os
+import re
 import tempfile
+import zipfile
 from pathlib import Path
+from typing import Iterable
 
-from ..errors import PackError
-from .formats import DEFAULT_FORMAT, FORMAT_NAMES, format_from_name, strip_suffix
+from ..errors import ArchiveError, PackError
+from .formats import DEFAULT_FORMAT, FORMAT_NAMES, detect_format, format_from_name, is_image, strip_suffix
 from .image_stage import baked_mount_point
 from .manifest import Manifest, manifest_for, read_manifest, write_manifest
+from .streams import HashingReader, ReadAhead, decompression_error_types, decompressor
+from .tarstream import TarFormatError, TarStream
+from .treewriter import normalise_member_name
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +64,13 @@ def pack_env(
     try:
         env = conda_pack.CondaEnv.from_name(name) if name else conda_pack.CondaEnv.from_prefix(str(prefix))
     except conda_pack.CondaPackException as err:
-        hint = " Is conda on your PATH? Or give the env by path with --env-prefix." if name else ""
-        raise PackError(f"conda-pack cannot read the environment: {_first_line(err)}{hint}") from err
+        detail, hint = _first_line(err), ""
+        if name:
+            hint = " Is conda on your PATH? Or give the env by path with --env-prefix."
+        elif _no_env_at(err):
+            detail, hint = detail.rstrip("."), ("; point --env-prefix at a conda env (a directory with conda-meta/), "
+                                                "or use an existing archive: `kernelprov install NAME --archive FILE`.")
+        raise PackError(f"conda-pack cannot read the environment: {detail}{hint}") from err
     dest_prefix = None
     if fmt == "squashfs":
         # Read-only images are relocated at pack time, to a fresh mount point of the packing user
@@ -71,6 +85,7 @@ def pack_env(
             Path(tmp),
             python_version=_python_version(Path(env.prefix)),
             packages=len(glob.glob(os.path.join(env.prefix, "conda-meta", "*.json"))),
+            pip_packages=count_pip_distributions((f.target, f.is_conda) for f in env.files),
             source_prefix=env.prefix,
             dest_prefix=dest_prefix,
         )
@@ -88,18 +103,137 @@ def pack_env(
 def describe_archive(archive: Path) -> Manifest:
     """Write a manifest for an archive made elsewhere (``install --archive``) if it has none.
 
-    Reads the archive once, at install time, so every later kernel start can verify it.
+    Reads the archive at install time, so every later kernel start can verify it: a scan (hash,
+    members), then, for a conda env, its ``conda-meta/`` records for the python version and
+    package counts that a manifest written by :func:`pack_env` holds.
     """
     archive = Path(archive)
     existing = read_manifest(archive)
     if existing is not None:
         return existing
     manifest = manifest_for(archive)
+    if manifest.conda_env:
+        manifest = dataclasses.replace(manifest, **conda_meta_details(archive))
     if os.access(archive.parent, os.W_OK):
         write_manifest(archive, manifest)
     else:
         log.warning("cannot write a manifest beside %s; kernels will start without an integrity check", archive)
     return manifest
+
+
+#: A distribution's metadata in site-packages: the ``<name>.dist-info`` dir pip writes, or the
+#: ``<name>.egg-info`` dir or file of older installers.
+_DISTRIBUTION = re.compile(r"(lib/python[^/]+/site-packages/[^/]+\.(?:dist|egg)-info)(?:/|$)")
+#: The most of one ``conda-meta/*.json`` record kept in memory (with its parse, ~10x that) when
+#: reading it from an archive: the largest packages' records (thousands of files) take a few MB.
+MAX_CONDA_RECORD_BYTES = 32 << 20
+#: A python version as conda records it ("3.11.7"), and nothing a hostile record could put there.
+_VERSION = re.compile(r"[0-9A-Za-z.+_-]{1,64}")
+
+
+def count_pip_distributions(paths: Iterable[tuple[str, bool]]) -> int:
+    """How many distributions in ``lib/python*/site-packages`` no conda record owns.
+
+    ``paths`` are an env's files relative to its prefix, each with whether a conda record lists
+    it (conda-pack's managed files); a ``*.dist-info``/``*.egg-info`` with no managed file is one
+    that pip (or another installer conda does not know) put there. Called by :func:`pack_env`
+    with conda-pack's file list and by :func:`conda_meta_details` with an archive's members.
+    """
+    unmanaged, managed = set(), set()
+    for path, is_conda in paths:
+        match = _DISTRIBUTION.match(path)
+        if match:
+            (managed if is_conda else unmanaged).add(match.group(1))
+    return len(unmanaged - managed)
+
+
+@dataclasses.dataclass
+class _CondaMeta:
+    """What :func:`conda_meta_details` collects while streaming an archive (names only, never data)."""
+
+    records: int = 0
+    python_version: str | None = None
+    owned: set = dataclasses.field(default_factory=set)  # distribution dirs a conda record lists
+    present: set = dataclasses.field(default_factory=set)  # distribution dirs among the archive's members
+    complete: bool = True  # False: a record could not be read, so ownership is not known
+
+    def add_member(self, name: str) -> None:
+        match = _DISTRIBUTION.match(name)
+        if match:
+            self.present.add(match.group(1))
+
+    def add_record(self, name: str, data: bytes | None) -> None:
+        self.records += 1
+        try:
+            record = json.loads(data) if data is not None else None
+        except (ValueError, RecursionError):
+            record = None
+        if not isinstance(record, dict):
+            log.info("cannot read the conda record %s; not counting pip packages", name)
+            self.complete = False
+            return
+        version = record.get("version")
+        if record.get("name") == "python" and isinstance(version, str) and _VERSION.fullmatch(version):
+            self.python_version = version
+        files = record.get("files")
+        for path in files if isinstance(files, list) else ():
+            if isinstance(path, str):
+                match = _DISTRIBUTION.match(path)
+                if match:
+                    self.owned.add(match.group(1))
+
+
+def _is_conda_record(name: str) -> bool:
+    """``conda-meta/<record>.json``, as ``pack_env`` counts them (not in a subdirectory)."""
+    return name.startswith("conda-meta/") and name.endswith(".json") and name.count("/") == 1
+
+
+def conda_meta_details(archive: Path) -> dict:
+    """Python version, conda and pip package counts read from the ``conda-meta/`` records inside
+    ``archive``, as :func:`pack_env` records them for envs it packs itself.
+
+    Called by :func:`describe_archive` (``install --archive``) once, when it writes a manifest;
+    the archive is streamed, never extracted, and at most :data:`MAX_CONDA_RECORD_BYTES` of one
+    record is held. Details that cannot be read are left out (the manifest says "not known").
+    """
+    fmt = detect_format(archive)
+    if is_image(fmt):
+        return {}
+    found = _CondaMeta()
+    try:
+        if fmt == "zip":
+            with zipfile.ZipFile(archive) as zf:
+                for info in zf.infolist():
+                    name = normalise_member_name(info.filename, archive)
+                    found.add_member(name)
+                    if _is_conda_record(name) and not info.is_dir():
+                        with zf.open(info) as data:
+                            content = data.read(MAX_CONDA_RECORD_BYTES + 1)
+                        found.add_record(name, content if len(content) <= MAX_CONDA_RECORD_BYTES else None)
+        else:
+            # Through HashingReader as scan() reads it: a failing read is one ArchiveError (the hash is unused).
+            with open(archive, "rb") as raw, ReadAhead(decompressor(fmt, HashingReader(raw, 0, None, archive))) as stream:
+                for entry, chunks in TarStream(stream).entries():
+                    name = normalise_member_name(entry.name, archive)
+                    found.add_member(name)
+                    if _is_conda_record(name) and entry.kind == "file":
+                        content = b"".join(chunks) if entry.size <= MAX_CONDA_RECORD_BYTES else None
+                        found.add_record(name, content)
+    except (ArchiveError, TarFormatError, zipfile.BadZipFile, OSError, ValueError, OverflowError,
+            *decompression_error_types()) as err:
+        # scan() has just read the whole archive; a failure now is not worth failing the install.
+        log.warning("cannot read the conda records in %s: %s", archive, err)
+        return {}
+    if not found.records:
+        return {}
+    return {"python_version": found.python_version, "packages": found.records,
+            "pip_packages": len(found.present - found.owned) if found.complete else None}
+
+
+def _no_env_at(err: Exception) -> bool:
+    """Does conda-pack's error say the path given is no conda env (or does not exist)?"""
+    text = str(err)
+    return "is not a conda environment" in text or "doesn't exist" in text
 
 
 def _python_version(prefix: Path) -> str | None:

@@ -220,7 +220,7 @@ class KernelprovEnvironments(KernelprovConfig):
             if not os.access(archive, os.R_OK):
                 problems.append(f"The archive {archive} is not readable by you; ask its owner to make it readable.")
         manifest = self._manifest(archive, problems)
-        detected = self._detected_format(archive, st, problems) if st is not None and not problems else None
+        detected = self._detected_format(archive, st, problems) if st is not None else None
         if manifest is not None:
             info.update(format=manifest.format, python_version=manifest.python_version, packages=manifest.packages,
                         pip_packages=getattr(manifest, "pip_packages", None))
