@@ -69,9 +69,13 @@ class Lab:
         assert result.returncode == 0, result.stdout
         return _plain(result.stdout)
 
+    @property
+    def notebooks(self) -> Path:
+        return self.root / "notebooks"
+
     def start(self) -> None:
-        notebooks = self.root / "notebooks"
-        notebooks.mkdir()
+        notebooks = self.notebooks
+        notebooks.mkdir(exist_ok=True)
         argv = [
             sys.executable, "-m", "jupyter", "lab", "--allow-root", "--no-browser", "--ip=127.0.0.1",
             f"--port={self.port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}",
@@ -99,6 +103,11 @@ class Lab:
             body = response.read()
         return json.loads(body) if body else None
 
+    def restart(self) -> None:
+        """Stop the server and start it again on the same port and token (the page stays open)."""
+        self.stop()
+        self.start()
+
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:
             return
@@ -121,8 +130,8 @@ def jp_asyncio_loop():
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, runnable_archive):
-    """``jupyter lab`` (once for this module) with two kernelprov kernels from the runnable archive: ``demo`` and
-    ``scratch`` (a copy, so it stages separately). Everything Jupyter writes goes to a temporary
+    """``jupyter lab`` (once for this module) with kernelprov kernels from the runnable archive: ``demo``,
+    ``scratch`` (a copy, so it stages separately), ``cut`` (cut short) and ``damaged``. Everything Jupyter writes goes to a temporary
     home; the server finds kernelprov's extensions through this venv's own share/ and etc/."""
     root = tmp_path_factory.mktemp("lab")
     cache_dir = root / "cache"
@@ -145,6 +154,19 @@ def lab(tmp_path_factory, runnable_archive):
     shutil.copy2(f"{runnable_archive}.manifest.json", f"{scratch}.manifest.json")
     server.run("kernelprov", "install", "demo", "--archive", str(runnable_archive))
     server.run("kernelprov", "install", "scratch", "--archive", str(scratch))
+    # Installed whole, then cut short or damaged, as a copy gone wrong after install would be.
+    broken = {}
+    for name in ("cut", "damaged"):
+        broken[name] = root / "archives" / f"{name}.tar.zst"
+        shutil.copy2(runnable_archive, broken[name])
+        shutil.copy2(f"{runnable_archive}.manifest.json", f"{broken[name]}.manifest.json")
+        server.run("kernelprov", "install", name, "--archive", str(broken[name]), "--display-name", f"Python ({name})")
+    size = runnable_archive.stat().st_size
+    with open(broken["cut"], "r+b") as f:
+        f.truncate(size // 2)  # its manifest still the packed one's: a problem before any start
+    with open(broken["damaged"], "r+b") as f:
+        f.seek(size // 20)
+        f.write(bytes(4096))  # the size unchanged: no cheap check sees it, a start fails
     server.start()
     yield server
     server.stop()
@@ -186,136 +208,47 @@ def _plain(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
-def test_panel_stages_an_env_and_runs_a_notebook_on_it(lab, page, runnable_archive, tmp_path):
-    from playwright.sync_api import expect
 
-    manifest = json.loads(Path(f"{runnable_archive}.manifest.json").read_text())
+AXE = REPO / "labextension" / "node_modules" / "axe-core" / "axe.min.js"
+
+
+def _open_panel(page):
     page.locator('.jp-SideBar [data-id="kernelprov-environments"]').click()
-    panel = page.locator("#kernelprov-environments")
-    expect(panel.get_by_role("heading", name="Environments")).to_be_visible()
-    row = panel.locator('tbody[data-kernel-name="demo"]')
-    expect(row).to_contain_text("Python (demo)")
-    expect(row.locator(".jp-kernelprov-state")).to_have_text("not staged")
-    expect(panel.locator('tbody[data-kernel-name="scratch"]')).to_contain_text("not staged")
-    # JupyterLab's default side bar is narrow: Python and package count move under the name.
-    python, packages = manifest["python_version"], manifest["packages"]
-    narrow = row.locator(".jp-kernelprov-narrowFacts")
-    expect(narrow).to_contain_text(f"Python {python}")
-    expect(narrow).to_contain_text(f"{packages} package")
-    _widen_left_area(page, 200)
-    expect(row.locator(".jp-kernelprov-col-python")).to_have_text(python)
-    expect(row.locator(".jp-kernelprov-col-packages")).to_have_text(str(packages))
-    expect(row.locator(".jp-kernelprov-narrowFacts")).to_be_hidden()
-
-    # Record every state the row shows, to see "staging" pass by on the way to "ready".
-    page.evaluate("""() => {
-        window.kernelprovStates = [];
-        const table = document.querySelector('#kernelprov-environments table');
-        new MutationObserver(() => {
-            const state = document.querySelector('tbody[data-kernel-name="demo"] .jp-kernelprov-stateLabel');
-            if (state) window.kernelprovStates.push(state.textContent);
-        }).observe(table, {subtree: true, childList: true, characterData: true});
-    }""")
-    row.get_by_role("button", name="Stage now").click()
-    expect(row.locator(".jp-kernelprov-state")).to_have_text("ready", timeout=120_000)
-    assert any(s.startswith("staging") for s in page.evaluate("window.kernelprovStates")), page.evaluate("window.kernelprovStates")
-    staged_prefix = row.locator(".jp-kernelprov-path").inner_text().strip()
-    assert Path(staged_prefix).parent.parent == lab.cache_dir and (Path(staged_prefix) / "bin" / "python").exists()
-    expect(row.get_by_role("button", name="Stage now")).to_be_disabled()
-
-    row.get_by_role("button", name="Open notebook").click()
-    notebook = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
-    expect(notebook.locator(".jp-Notebook-toolbarKernelName, .jp-KernelName").first).to_have_text("Python (demo)")
-    expect(notebook.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_be_attached(timeout=120_000)
-    editor = notebook.locator(".jp-Cell .cm-content").first
-    editor.click()
-    page.keyboard.type("import sys; print(sys.prefix)")
-    page.keyboard.press("Shift+Enter")
-    expect(notebook.locator(".jp-OutputArea-output").first).to_have_text(staged_prefix, timeout=60_000)
-
-    # The running kernel holds the staged env: the panel says so, and refuses to evict it.
-    panel.get_by_role("button", name="Refresh the list of environments").click()
-    expect(row).to_contain_text("in use by 1 kernel")
-    _save_screenshot(page, panel, tmp_path)
-    row.get_by_role("button", name="Evict").click()
-    page.locator(".jp-Dialog").get_by_role("button", name="Evict").click()
-    expect(page.locator(".jp-Dialog")).to_contain_text("in use")
-    page.locator(".jp-Dialog").get_by_role("button", name="Close").click()
-    assert Path(staged_prefix).is_dir()
-
-    page.get_by_role("menuitem", name="Kernel").click()
-    page.get_by_role("menuitem", name="Shut Down Kernel").click()
-    expect(notebook.locator(".jp-Notebook-toolbarKernelName, .jp-KernelName").first).to_have_text("No Kernel")
-    panel.get_by_role("button", name="Refresh the list of environments").click()
-    expect(row).not_to_contain_text("in use")
-    row.get_by_role("button", name="Evict").click()
-    page.locator(".jp-Dialog").get_by_role("button", name="Evict").click()
-    expect(row.locator(".jp-kernelprov-state")).to_have_text("not staged")
-    expect(page.locator(".jp-Dialog")).to_have_count(0)  # no error
-    assert not Path(staged_prefix).exists()
+    return page.locator("#kernelprov-environments")
 
 
-def test_a_filter_box_appears_when_there_are_many(lab, page):
-    from playwright.sync_api import expect
-
-    kernels = Path(lab.environ["JUPYTER_DATA_DIR"]) / "kernels"
-    extra = []
-    try:
-        for i in range(5):  # seven in all: more than the panel shows without a filter
-            target = kernels / f"team-{i}"
-            shutil.copytree(kernels / "scratch", target)
-            spec = json.loads((target / "kernel.json").read_text())
-            (target / "kernel.json").write_text(json.dumps({**spec, "display_name": f"Team env {i}"}))
-            extra.append(target)
-        page.locator('.jp-SideBar [data-id="kernelprov-environments"]').click()
-        panel = page.locator("#kernelprov-environments")
-        expect(panel.locator("tbody")).to_have_count(7)
-        search = panel.get_by_role("searchbox", name="Filter environments")
-        search.fill("team env 3")
-        expect(panel.locator("tbody")).to_have_count(1)
-        expect(panel.locator("tbody")).to_contain_text("Team env 3")
-        search.fill("nothing like this")
-        expect(panel).to_contain_text("No environment matches")
-    finally:
-        for target in extra:
-            shutil.rmtree(target)
+def _row(panel, name: str):
+    return panel.locator(f'li.jp-kernelprov-env[data-kernel-name="{name}"]')
 
 
-def _widen_left_area(page, pixels: int) -> None:
-    """Drag the handle between the left side bar's panel and the main area to the right."""
-    handle = page.locator("#jp-main-split-panel > .lm-SplitPanel-handle:not(.lm-mod-hidden)").first
-    box = handle.bounding_box()
-    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    page.mouse.move(x, y)
-    page.mouse.down()
-    page.mouse.move(x + pixels, y, steps=5)
-    page.mouse.up()
+def _expand(row):
+    toggle = row.locator(".jp-kernelprov-row")
+    if toggle.get_attribute("aria-expanded") != "true":
+        toggle.click()
+    return row.locator(".jp-kernelprov-expanded")
 
 
-def _save_screenshot(page, panel, tmp_path: Path) -> None:
-    """The panel down to its last line, light theme: to tmp_path, and to docs/ when asked."""
-    panel.locator(".jp-kernelprov-footer").click()  # no focus ring on the refresh button
-    page.mouse.move(900, 700)  # no hover highlight
-    box = panel.bounding_box()
-    footer = panel.locator(".jp-kernelprov-footer").bounding_box()
-    clip = {"x": box["x"], "y": box["y"], "width": box["width"], "height": footer["y"] + footer["height"] + 12 - box["y"]}
-    shot = tmp_path / "panel.png"
-    page.screenshot(path=str(shot), clip=clip)
-    if os.environ.get("KERNELPROV_UPDATE_SCREENSHOT"):
-        (REPO / "docs").mkdir(exist_ok=True)
-        shutil.copy2(shot, REPO / "docs" / "panel.png")
+def _axe_violations(page, selector: str) -> list:
+    """axe-core's WCAG A/AA violations inside ``selector`` (the scan JupyterLab's own UI tests use)."""
+    assert AXE.is_file(), "axe-core comes with the labextension's dev dependencies (jlpm install)"
+    page.add_script_tag(path=str(AXE))
+    return page.evaluate("""async (selector) => {
+        const result = await axe.run(selector, {runOnly: ['wcag2a', 'wcag2aa']});
+        return result.violations.map(v => ({id: v.id, nodes: v.nodes.map(n => n.html).slice(0, 3)}));
+    }""", selector)
 
 
-def test_fifteen_envs_scroll_at_the_default_sidebar_width(lab, browser, tmp_path):
-    # A researcher with many envs: at 1440x900 and JupyterLab's default 250 px sidebar, the rows
-    # below the fold must be reachable with the mouse wheel (the panel did not scroll before).
+def test_fifteen_envs_fit_the_default_sidebar_one_line_each(lab, browser, tmp_path):
+    # A researcher with many envs at 1440x900 and JupyterLab's default 250 px sidebar: one line per
+    # env, the whole state readable, problems first, the summary and filter always in view, every
+    # row reachable by wheel and keyboard, and a clean accessibility scan.
     from playwright.sync_api import expect
 
     kernels = Path(lab.environ["JUPYTER_DATA_DIR"]) / "kernels"
     extra = []
     context = browser.new_context(viewport={"width": 1440, "height": 900}, color_scheme="light")
     try:
-        for i in range(13):
+        for i in range(11):
             target = kernels / f"many-{i:02d}"
             shutil.copytree(kernels / "scratch", target)
             spec = json.loads((target / "kernel.json").read_text())
@@ -325,18 +258,202 @@ def test_fifteen_envs_scroll_at_the_default_sidebar_width(lab, browser, tmp_path
         page.set_default_timeout(TIMEOUT_MS)
         page.goto(f"{lab.url}/lab?reset&token={lab.token}")
         page.locator("#jp-main-dock-panel").wait_for()
-        page.locator('.jp-SideBar [data-id="kernelprov-environments"]').click()
-        panel = page.locator("#kernelprov-environments")
-        expect(panel.locator("tbody")).to_have_count(15, timeout=TIMEOUT_MS)
+        panel = _open_panel(page)
+        rows = panel.locator("li.jp-kernelprov-env")
+        expect(rows).to_have_count(15, timeout=TIMEOUT_MS)
         assert 240 <= panel.bounding_box()["width"] <= 260  # the default sidebar width
-        last = panel.locator("tbody").last
-        assert last.bounding_box()["y"] > 900, "the last env should start below the fold"
-        panel.locator("tbody").first.hover()
-        for _ in range(20):
-            page.mouse.wheel(0, 600)
+        expect(panel.locator(".jp-kernelprov-summary")).to_have_text("1 problem · 14 not staged")
+
+        # The problem row comes first, says why on hover, and cannot be opened.
+        first = rows.first
+        expect(first).to_have_attribute("data-kernel-name", "cut")
+        expect(first.locator(".jp-kernelprov-state")).to_have_text("problem")
+        assert "cut short" in first.locator(".jp-kernelprov-row").get_attribute("title")
+        details = _expand(first)
+        expect(details).to_contain_text(re.compile(r"The archive is [\d.]+ MB, but was [\d.]+ MB when packed"))
+        expect(details.get_by_role("button", name="Open notebook")).to_be_disabled()
+        expect(details.get_by_role("button", name="Stage now")).to_be_disabled()
+        first.locator(".jp-kernelprov-row").click()  # collapse again
+
+        # Then by display name; every row is one line and its state is not cut.
+        names = rows.locator(".jp-kernelprov-displayName").all_inner_texts()
+        assert names[1:] == sorted(names[1:], key=str.casefold), names
+        for i in range(rows.count()):
+            line = rows.nth(i).locator(".jp-kernelprov-rowLine").bounding_box()
+            assert line["height"] <= 30, (i, line)
+            state = rows.nth(i).locator(".jp-kernelprov-state")
+            assert state.evaluate("e => e.scrollWidth <= e.clientWidth"), state.inner_text()
+        page.screenshot(path=str(tmp_path / "fifteen-envs.png"))
+
+        # Wheel: the rows below the fold come into view, the summary and filter stay.
+        page.set_viewport_size({"width": 1440, "height": 500})
+        last = rows.last
+        assert last.bounding_box()["y"] > 500, "the last env should start below the fold"
+        rows.first.hover()
+        for _ in range(10):
+            page.mouse.wheel(0, 400)
         expect(last).to_be_in_viewport()
-        page.screenshot(path=str(tmp_path / "fifteen-envs-scrolled.png"))
+        expect(panel.get_by_role("searchbox", name="Filter environments")).to_be_in_viewport()
+        expect(panel.locator(".jp-kernelprov-summary")).to_be_in_viewport()
+
+        # Keyboard: arrows move between rows, one tab stop for the list.
+        rows.first.locator(".jp-kernelprov-row").focus()
+        for _ in range(3):
+            page.keyboard.press("ArrowDown")
+        focused = page.evaluate("document.activeElement.closest('li').dataset.kernelName")
+        assert focused == rows.nth(3).get_attribute("data-kernel-name")
+        page.keyboard.press("End")
+        assert page.evaluate("document.activeElement.closest('li').dataset.kernelName") == "scratch"
+        assert panel.locator('.jp-kernelprov-row[tabindex="0"]').count() == 1
+        page.keyboard.press("ArrowRight")
+        expect(rows.last.locator(".jp-kernelprov-expanded")).to_be_visible()
+
+        assert _axe_violations(page, "#kernelprov-environments") == []
     finally:
         context.close()
         for target in extra:
             shutil.rmtree(target)
+
+
+def test_a_filter_box_appears_when_there_are_many(lab, page):
+    from playwright.sync_api import expect
+
+    kernels = Path(lab.environ["JUPYTER_DATA_DIR"]) / "kernels"
+    extra = []
+    try:
+        for i in range(3):  # seven in all: more than the panel shows without a filter
+            target = kernels / f"team-{i}"
+            shutil.copytree(kernels / "scratch", target)
+            spec = json.loads((target / "kernel.json").read_text())
+            (target / "kernel.json").write_text(json.dumps({**spec, "display_name": f"Team env {i}"}))
+            extra.append(target)
+        panel = _open_panel(page)
+        rows = panel.locator("li.jp-kernelprov-env")
+        expect(rows).to_have_count(7)
+        search = panel.get_by_role("searchbox", name="Filter environments")
+        search.fill("team env 2")
+        expect(rows).to_have_count(1)
+        expect(rows).to_contain_text("Team env 2")
+        search.fill("nothing like this")
+        expect(panel).to_contain_text("No environment matches")
+    finally:
+        for target in extra:
+            shutil.rmtree(target)
+
+
+def test_panel_stages_an_env_and_runs_a_notebook_on_it(lab, page, runnable_archive, tmp_path):
+    from playwright.sync_api import expect
+
+    manifest = json.loads(Path(f"{runnable_archive}.manifest.json").read_text())
+    panel = _open_panel(page)
+    expect(panel.get_by_role("heading", name="Environments")).to_be_visible()
+    row = _row(panel, "demo")
+    expect(row.locator(".jp-kernelprov-state")).to_have_text("not staged")
+    details = _expand(row)
+    # The package count is conda's records plus pip's distributions, from the manifest.
+    packages = manifest["packages"] + manifest["pip_packages"]
+    expect(details).to_contain_text(f"Python {manifest['python_version']} · {packages} package")
+
+    # Record every progress line the row shows on its way to "ready".
+    page.evaluate("""() => {
+        window.kernelprovProgress = [];
+        const row = document.querySelector('li[data-kernel-name="demo"]');
+        new MutationObserver(() => {
+            const text = row.querySelector('.jp-kernelprov-progressText');
+            if (text) window.kernelprovProgress.push(text.textContent);
+        }).observe(row, {subtree: true, childList: true, characterData: true});
+    }""")
+    details.get_by_role("button", name="Stage now").click()
+    expect(row.locator(".jp-kernelprov-state")).to_have_text("ready", timeout=120_000)
+    progress = page.evaluate("window.kernelprovProgress")
+    assert any(re.search(r"\d+ % · [\d.]+ MB of [\d.]+ MB · \d+ s elapsed", p) for p in progress), progress
+    expect(page.locator(".jp-Notification-Toast-success, .Toastify__toast--success")).to_contain_text(
+        "Python (demo) is staged on this node")
+    staged_prefix = details.locator(".jp-kernelprov-path").inner_text().strip()
+    assert Path(staged_prefix).parent.parent == lab.cache_dir and (Path(staged_prefix) / "bin" / "python").exists()
+    expect(details).to_contain_text("not used yet")  # staged, but no kernel has run from it
+    expect(details.get_by_role("button", name="Stage now")).to_be_disabled()
+    assert "Already staged" in details.get_by_role("button", name="Stage now").get_attribute("title")
+
+    # Enter on the row opens a notebook on it.
+    row.locator(".jp-kernelprov-row").focus()
+    page.keyboard.press("Enter")
+    notebook = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)")
+    expect(notebook.locator(".jp-Notebook-toolbarKernelName, .jp-KernelName").first).to_have_text("Python (demo)")
+    expect(notebook.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")).to_be_attached(timeout=120_000)
+    notebook.locator(".jp-Cell .cm-content").first.click()
+    page.keyboard.type("import sys; print(sys.prefix)")
+    page.keyboard.press("Shift+Enter")
+    expect(notebook.locator(".jp-OutputArea-output").first).to_have_text(staged_prefix, timeout=60_000)
+
+    # The running kernel holds the env: Evict is disabled and says why; the kernel can be shut
+    # down from the row.
+    expect(row.locator(".jp-kernelprov-state")).to_have_text("in use")
+    expect(details).to_contain_text("in use by 1 kernel")
+    expect(details).to_contain_text("last used")
+    evict = details.get_by_role("button", name="Evict")
+    expect(evict).to_be_disabled()
+    assert evict.get_attribute("title") == "In use by 1 kernel: shut it down first"
+    _save_screenshot(page, panel, tmp_path)
+    details.get_by_role("button", name="Shut down the kernel using it").click()
+    page.locator(".jp-Dialog").get_by_role("button", name="Shut Down").click()
+    expect(notebook.locator(".jp-Notebook-toolbarKernelName, .jp-KernelName").first).to_have_text("No Kernel")
+    expect(row.locator(".jp-kernelprov-state")).to_have_text("ready")
+    expect(evict).to_be_enabled()
+    evict.click()
+    page.locator(".jp-Dialog").get_by_role("button", name="Evict").click()
+    expect(row.locator(".jp-kernelprov-state")).to_have_text("not staged")
+    expect(page.locator(".jp-Dialog")).to_have_count(0)  # no error
+    assert not Path(staged_prefix).exists()
+
+
+def test_a_failed_start_is_shown_remembered_and_leaves_no_notebook(lab, page):
+    from playwright.sync_api import expect
+
+    panel = _open_panel(page)
+    row = _row(panel, "damaged")
+    expect(row.locator(".jp-kernelprov-state")).to_have_text("not staged")  # nothing cheap can tell
+    before = sorted(p.name for p in lab.notebooks.iterdir())
+    _expand(row).get_by_role("button", name="Open notebook").click()
+
+    dialog = page.locator(".jp-Dialog")
+    expect(dialog).to_contain_text("Error Starting Kernel", timeout=120_000)
+    message = dialog.locator(".jp-Dialog-body").inner_text().strip()
+    assert "Python (damaged)" in message.split(".")[0] or "damaged" in message, message
+    assert not re.search(r"\d{7,}", message), f"raw byte counts in {message!r}"
+    dialog.get_by_role("button", name=re.compile("Dismiss|Close|Ok", re.I)).click()
+    assert sorted(p.name for p in lab.notebooks.iterdir()) == before  # no UntitledN.ipynb left behind
+    expect(row.locator(".jp-kernelprov-state")).to_have_text("failed")
+    expect(panel.locator("li.jp-kernelprov-env").first).to_have_attribute("data-kernel-name", "damaged")
+
+    # The server goes away: the rows stay, greyed, with nothing to click.
+    lab.stop()
+    panel.get_by_role("button", name="Refresh the list of environments").click()
+    expect(panel.get_by_role("alert")).to_contain_text("Cannot list environments")
+    expect(panel.locator(".jp-kernelprov-body.jp-mod-disconnected")).to_have_count(1)
+    scratch = _expand(_row(panel, "scratch"))
+    for name in ("Open notebook", "Stage now"):
+        expect(scratch.get_by_role("button", name=name)).to_be_disabled()
+    assert "not answering" in scratch.get_by_role("button", name="Open notebook").get_attribute("title")
+
+    # Back again, a new server remembers the failure (on the node, not in the old server's memory).
+    lab.start()
+    panel.get_by_role("button", name="Refresh the list of environments").click()
+    expect(panel.get_by_role("alert")).to_have_count(0)
+    expect(row.locator(".jp-kernelprov-state")).to_have_text("failed")
+    expect(_expand(row)).to_contain_text("The last start failed")
+    expect(panel.locator("li.jp-kernelprov-env").first).to_have_attribute("data-kernel-name", "damaged")
+
+
+def _save_screenshot(page, panel, tmp_path: Path, name: str = "panel.png") -> None:
+    """The panel down to its last line, light theme: to tmp_path, and to docs/ when asked."""
+    panel.locator(".jp-kernelprov-footer").click()  # no focus ring on a button
+    page.mouse.move(900, 700)  # no hover highlight
+    box = panel.bounding_box()
+    footer = panel.locator(".jp-kernelprov-footer").bounding_box()
+    clip = {"x": box["x"], "y": box["y"], "width": box["width"], "height": footer["y"] + footer["height"] + 12 - box["y"]}
+    shot = tmp_path / name
+    page.screenshot(path=str(shot), clip=clip)
+    if os.environ.get("KERNELPROV_UPDATE_SCREENSHOT"):
+        (REPO / "docs").mkdir(exist_ok=True)
+        shutil.copy2(shot, REPO / "docs" / name)
