@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 
 from .. import __version__
 from ..engine.formats import FORMAT_NAMES
-from ..errors import KernelprovError, KernelspecError
+from ..errors import KernelprovError, KernelspecError, human_size
 
 log = logging.getLogger("kernelprov")
 
@@ -265,10 +265,13 @@ def _cmd_remove(args) -> int:
     except OSError as err:
         raise KernelspecError(f"Cannot remove {kernel.resource_dir}: {err.strerror}.") from err
     print(f"Removed kernel {kernel.name!r} from {kernel.resource_dir}")
+    twin = kernelspecs.remove_plain_twin(kernel.resource_dir)
+    if twin is not None:
+        print(f"Removed its plain twin {twin.name!r} from {twin}")
     if staged is not None and args.evict:
-        print(f"Removed its staged environment {staged.prefix} ({staged.env_bytes / 1e6:.1f} MB) from this node.")
+        print(f"Removed its staged environment {staged.prefix} ({human_size(staged.env_bytes)}) from this node.")
     elif staged is not None:
-        print(f"Its environment is still staged on this node ({staged.prefix}, {staged.env_bytes / 1e6:.1f} MB); "
+        print(f"Its environment is still staged on this node ({staged.prefix}, {human_size(staged.env_bytes)}); "
               "`kernelprov cache clean` removes staged envs no kernel is using.")
     return 0
 

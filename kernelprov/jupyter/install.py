@@ -32,6 +32,8 @@ class InstalledKernel:
     resource_dir: Path
     archive: Path
     archive_managed: bool
+    #: The plain twin's dir (``plain_twin=True``), for clients without kernelprov
+    plain_twin: Path | None = None
 
 
 def install_kernel(
@@ -48,6 +50,7 @@ def install_kernel(
     replace: bool = False,
     verbose: bool = False,
     on_pack: Callable[[str, Path], None] | None = None,
+    plain_twin: bool = False,
 ) -> InstalledKernel:
     """Install kernel ``name`` into ``kernels_dir`` and return where it went.
 
@@ -56,11 +59,16 @@ def install_kernel(
     (a conda env by path) or ``env_name`` (a conda env by name; default ``name``). A packed archive
     goes to ``output`` when given, else inside the kernel dir (and is removed with it).
     ``on_pack(source, destination)`` is called before packing starts, for the CLI to say so.
+    ``plain_twin`` also writes ``NAME-plain`` (:func:`.kernelspecs.build_plain_twin_json`): the same
+    run.sh without the provisioner stanza, for clients that lack kernelprov.
     Raises :class:`~kernelprov.errors.KernelprovError` subclasses.
     """
     name = kernelspecs.validate_name(name)
     tmp_dir = kernelspecs.prepare_kernel_dir(name, kernels_dir, replace=replace)
+    twin_name, twin_tmp, twin = kernelspecs.plain_twin_name(name), None, None
     try:
+        if plain_twin:
+            twin_tmp = kernelspecs.prepare_plain_twin_dir(name, kernels_dir, replace=replace)
         if archive is not None:
             archive = Path(archive).expanduser().absolute()
             if not archive.is_file():
@@ -81,9 +89,15 @@ def install_kernel(
             archive = final
         kernelspecs.write_kernel_files(tmp_dir, name, display_name=display_name or f"Python ({name})",
                                        archive=archive, env=env, archive_managed=managed)
+        if twin_tmp is not None:
+            kernelspecs.write_plain_twin_files(twin_tmp, name, display_name=display_name or f"Python ({name})", env=env)
         destination = kernelspecs.place_kernel_dir(tmp_dir, name)
+        if twin_tmp is not None:
+            twin = kernelspecs.place_kernel_dir(twin_tmp, twin_name)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        if twin_tmp is not None:
+            shutil.rmtree(twin_tmp, ignore_errors=True)
         raise
     log.info("installed kernel %s in %s (archive %s)", name, destination, archive)
-    return InstalledKernel(name, destination, archive, managed)
+    return InstalledKernel(name, destination, archive, managed, twin)

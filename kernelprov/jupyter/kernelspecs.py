@@ -8,6 +8,8 @@ server extension. A kernelprov kernel dir is::
         run.sh               stages the env if nobody did, activates it, execs ipykernel
         logo-32x32.png  logo-64x64.png
         <name>.tar.zst(+.manifest.json)   only when kernelprov packed the env itself
+    <kernels dir>/<name>-plain/          only with ``install --plain-twin``: kernel.json running
+        kernel.json  logos               <name>/run.sh without the provisioner, for clients without it
 
 The pipeline follows ipykernel's: build the command → build the kernel dict → write the spec into
 a temporary dir → place it. Placement is a rename of that temporary dir (made beside the
@@ -40,6 +42,10 @@ PROVISIONER_NAME = "kernelprov-provisioner"
 SPEC_VERSION = 1
 LOGOS = ("logo-32x32.png", "logo-64x64.png")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+#: The IPython config file + extension every kernel loads from this install (run.sh names it): it
+#: warns when a cell pip-installs into the node-local copy. Read in place, never copied.
+PIP_WARNING = Path(__file__).with_name("pip_warning.py")
+PLAIN_TWIN_SUFFIX = "-plain"
 
 _RUN_SH = """\
 #!/bin/bash
@@ -80,6 +86,14 @@ for script in "$KERNELPROV_ENV"/etc/conda/activate.d/*.sh; do
     . "$script"
 done
 set -eu
+# Warn in the kernel when a cell runs %pip/%conda install, which lands in this node's copy only
+# (kernelprov/jupyter/pip_warning.py). IPython reads it as one more config file: no sys.path or
+# PYTHONPATH entry, so nothing the kernel starts inherits anything, and the env is not touched.
+pip_warning={pip_warning}
+if [ -f "$pip_warning" ]; then
+    set -- "$@" --IPKernelApp.extra_config_file="$pip_warning" \\
+        --IPKernelApp.extra_extensions=kernelprov_pip_warning --KernelprovPipWarning.kernel_name={name_arg}
+fi
 exec "$KERNELPROV_ENV/bin/python" -m ipykernel_launcher "$@"
 """
 
@@ -137,7 +151,8 @@ def system_tool(name: str) -> str | None:
 def render_run_sh(name: str, archive: Path, stager_python: str | None = None) -> str:
     """run.sh for ``archive``; ``stager_python`` (default: this interpreter) has kernelprov installed."""
     return _RUN_SH.format(name=name, archive=shlex.quote(str(archive)), stager=shlex.quote(stager_python or sys.executable),
-                          mkdir=shlex.quote(system_tool("mkdir") or "mkdir"), flock=shlex.quote(system_tool("flock") or "flock"))
+                          mkdir=shlex.quote(system_tool("mkdir") or "mkdir"), flock=shlex.quote(system_tool("flock") or "flock"),
+                          pip_warning=shlex.quote(str(PIP_WARNING)), name_arg=shlex.quote(name))
 
 
 def prepare_kernel_dir(name: str, kernels_dir: Path, *, replace: bool) -> Path:
@@ -165,6 +180,50 @@ def write_kernel_files(tmp_dir: Path, name: str, *, display_name: str, archive: 
     run_sh = tmp_dir / "run.sh"
     run_sh.write_text(render_run_sh(name, archive, stager))
     run_sh.chmod(0o755)
+    for logo in LOGOS:
+        (tmp_dir / logo).write_bytes(resources.files("kernelprov.resources").joinpath(logo).read_bytes())
+
+
+def plain_twin_name(name: str) -> str:
+    """The name of ``name``'s plain twin (``kernelprov install --plain-twin``): ``NAME-plain``."""
+    return f"{name}{PLAIN_TWIN_SUFFIX}"
+
+
+def build_plain_twin_json(kernel_dir: Path, *, display_name: str, env: dict[str, str] | None = None) -> dict:
+    """The plain twin's kernel dict: the same run.sh as the kernel in ``kernel_dir``, no provisioner.
+
+    jupyter_client >= 7 refuses a kernelspec whose ``metadata.kernel_provisioner`` names a
+    provisioner it cannot load (``KernelSpecManager.get_kernel_spec`` raises ``NoSuchKernel``, and
+    ``get_all_specs`` leaves it out), so a client without kernelprov never sees the main spec. The
+    twin has no such stanza: any client starts it with its default ``LocalProvisioner``, which runs
+    argv, and run.sh stages the env through the stager python it names. ``plain_twin_of`` lets
+    :func:`remove_plain_twin` tell it from another kernel that merely has its name."""
+    return {
+        "argv": [str(kernel_dir / "run.sh"), "-f", "{connection_file}"],
+        "display_name": f"{display_name} (no provisioner)",
+        "language": "python",
+        "interrupt_mode": "signal",
+        "env": dict(env or {}),
+        "metadata": {"kernelprov": {"version": SPEC_VERSION, "plain_twin_of": kernel_dir.name}},
+    }
+
+
+def prepare_plain_twin_dir(name: str, kernels_dir: Path, *, replace: bool) -> Path:
+    """:func:`prepare_kernel_dir` for kernel ``name``'s plain twin; ``replace`` replaces only a twin
+    of ``name``, never another kernel that happens to be called ``NAME-plain``."""
+    twin = kernels_dir / plain_twin_name(name)
+    if replace and twin.exists() and not _is_plain_twin_of(twin, name):
+        raise KernelspecError(f"{twin} is not the plain twin of {name!r}; remove it, or install without --plain-twin.")
+    return prepare_kernel_dir(twin.name, kernels_dir, replace=replace)
+
+
+def write_plain_twin_files(tmp_dir: Path, name: str, *, display_name: str, env: dict[str, str] | None = None) -> None:
+    """Write the plain twin of kernel ``name`` (kernel.json, logos) into ``tmp_dir``.
+
+    Called by :func:`.install.install_kernel` with ``plain_twin=True``; ``tmp_dir`` comes from
+    :func:`prepare_plain_twin_dir` and is placed after the kernel itself."""
+    spec = build_plain_twin_json(tmp_dir.parent / name, display_name=display_name, env=env)
+    (tmp_dir / "kernel.json").write_text(json.dumps(spec, indent=2) + "\n")
     for logo in LOGOS:
         (tmp_dir / logo).write_bytes(resources.files("kernelprov.resources").joinpath(logo).read_bytes())
 
@@ -263,4 +322,32 @@ def remove_kernel(name: str, extra_dirs: list[str] | None = None) -> KernelprovK
         shutil.rmtree(kernel.resource_dir)
     except OSError as err:
         raise KernelspecError(f"Cannot remove {kernel.resource_dir}: {err.strerror}.") from err
+    remove_plain_twin(kernel.resource_dir)
     return kernel
+
+
+def remove_plain_twin(kernel_dir: Path) -> Path | None:
+    """Delete the plain twin of the kernel that lived in ``kernel_dir``, if it has one; return its dir.
+
+    Called by :func:`remove_kernel` after removing the kernel: the twin runs that kernel's run.sh
+    and would otherwise stay listed in every client, failing to start. A ``NAME-plain`` that is not
+    this kernel's twin (another kernel that merely has that name) is left alone."""
+    twin = kernel_dir.parent / plain_twin_name(kernel_dir.name)
+    if not _is_plain_twin_of(twin, kernel_dir.name):
+        return None
+    try:
+        shutil.rmtree(twin)
+    except OSError as err:
+        raise KernelspecError(f"Cannot remove the plain twin {twin}: {err.strerror}.") from err
+    log.info("removed plain twin %s", twin)
+    return twin
+
+
+def _is_plain_twin_of(kernel_dir: Path, name: str) -> bool:
+    try:
+        spec = json.loads((kernel_dir / "kernel.json").read_text())
+    except (OSError, ValueError):
+        return False
+    metadata = spec.get("metadata") if isinstance(spec, dict) else None
+    ours = metadata.get("kernelprov") if isinstance(metadata, dict) else None
+    return isinstance(ours, dict) and ours.get("plain_twin_of") == name
