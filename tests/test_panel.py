@@ -424,7 +424,7 @@ def test_a_failed_start_is_shown_remembered_and_leaves_no_notebook(lab, page):
     dialog.get_by_role("button", name=re.compile("Dismiss|Close|Ok", re.I)).click()
     assert sorted(p.name for p in lab.notebooks.iterdir()) == before  # no UntitledN.ipynb left behind
     expect(row.locator(".jp-kernelprov-state")).to_have_text("failed")
-    expect(panel.locator("li.jp-kernelprov-env").first).to_have_attribute("data-kernel-name", "damaged")
+    expect(panel.locator("li.jp-kernelprov-env").nth(1)).to_have_attribute("data-kernel-name", "damaged")  # problems first
 
     # The server goes away: the rows stay, greyed, with nothing to click.
     lab.stop()
@@ -442,7 +442,7 @@ def test_a_failed_start_is_shown_remembered_and_leaves_no_notebook(lab, page):
     expect(panel.get_by_role("alert")).to_have_count(0)
     expect(row.locator(".jp-kernelprov-state")).to_have_text("failed")
     expect(_expand(row)).to_contain_text("The last start failed")
-    expect(panel.locator("li.jp-kernelprov-env").first).to_have_attribute("data-kernel-name", "damaged")
+    expect(panel.locator("li.jp-kernelprov-env").nth(1)).to_have_attribute("data-kernel-name", "damaged")  # problems first
 
 
 def _save_screenshot(page, panel, tmp_path: Path, name: str = "panel.png") -> None:
