@@ -305,11 +305,11 @@ def _hostile_image(tmp_path, member: str) -> Path:
 
 
 def _kept(cache_root: Path) -> dict[Path, set[str]]:
-    """What is in each place kernelprov keeps images (locks aside), for a before/after comparison:
+    """What is in each place kernelprov keeps images (locks and remembered failures aside), for a before/after comparison:
     the fallback ``/tmp/kernelprov-<user>`` is shared with anything else run on this machine."""
     kept = {}
     for where in [Path(os.fspath(cache.user_cache_dir(cache_root))), *image_dirs()]:
-        kept[where] = {p.name for p in where.iterdir() if p.suffix != ".lock"} if where.exists() else set()
+        kept[where] = {p.name for p in where.iterdir() if p.suffix not in (".lock", ".failed")} if where.exists() else set()
     return kept
 
 
