@@ -8,7 +8,25 @@ in its "Error Starting Kernel" dialog.
 
 
 class KernelprovError(Exception):
-    """Base of every error kernelprov raises on purpose; its ``str()`` is the user-facing text."""
+    """Base of every error kernelprov raises on purpose; its ``str()`` is the user-facing text.
+
+    Raised as ``SomeError(lead, message)`` where a kernel start can meet it: ``lead`` is a short
+    sentence saying what failed, without a path ("The archive is damaged."), which the provisioner
+    turns into the first sentence of JupyterLab's "Error Starting Kernel" dialog — one monospace
+    line, cut at its width, so under 80 characters with the kernel's display name in it; the
+    message (the ``str()``, what the CLI prints) names the paths and says what to do. With one
+    argument, that is the message and there is no lead.
+    """
+
+    #: The short sentence saying what failed, or None.
+    lead: str | None = None
+
+    def __init__(self, lead: str = "", message: str = "", *args):
+        if message:
+            super().__init__(message, *args)
+            self.lead = lead
+        else:
+            super().__init__(lead, *args)
 
 
 class ConfigError(KernelprovError):

@@ -21,7 +21,7 @@ from kernelprov.engine.extract import extract, unpack_limits
 from kernelprov.engine.inventory import find_staged
 from kernelprov.engine.manifest import manifest_for, write_manifest
 from kernelprov.engine.stage import ensure_staged
-from kernelprov.errors import ArchiveError
+from kernelprov.errors import ArchiveError, human_size
 
 from .tar_bypass_cases import file, header
 
@@ -93,8 +93,8 @@ def test_a_decompression_bomb_without_a_manifest_is_refused_before_it_is_written
         ensure_staged(archive)
 
     assert str(raised.value) == (
-        f"Refusing {archive}: it unpacks to more than 268,435,456 bytes, the most kernelprov unpacks from a "
-        f"{archive_size:,}-byte archive without a manifest; if it is a genuine environment, record its real size with "
+        f"Refusing {archive}: it unpacks to more than 268 MB, the most kernelprov unpacks from a "
+        f"{human_size(archive_size)} archive without a manifest; if it is a genuine environment, record its real size with "
         "`kernelprov install --archive` (which writes its manifest), or re-create it with `kernelprov pack`.")
     assert _no_staging_left(cache_root) and find_staged(archive) is None
 
@@ -106,7 +106,7 @@ def test_a_bomb_of_many_members_stops_at_the_ceiling(tmp_path):
     dest = tmp_path / "dest"
     dest.mkdir()
 
-    with pytest.raises(ArchiveError, match="it unpacks to more than 8,388,608 bytes"):
+    with pytest.raises(ArchiveError, match="it unpacks to more than 8.4 MB"):
         extract(archive, dest, limits=unpack_limits(archive.stat().st_size, ceiling=8 * MiB))
 
     assert sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()) <= 8 * MiB
@@ -117,7 +117,7 @@ def test_a_flood_of_empty_entries_counts_against_the_ceiling(tmp_path):
     dest = tmp_path / "dest"
     dest.mkdir()
 
-    with pytest.raises(ArchiveError, match="it unpacks to more than 1,048,576 bytes"):
+    with pytest.raises(ArchiveError, match="it unpacks to more than 1.0 MB"):
         extract(archive, dest, limits=unpack_limits(archive.stat().st_size, ceiling=MiB))
 
     assert len(list(dest.rglob("*"))) <= MiB // 512 + 1
@@ -136,7 +136,7 @@ def test_an_archive_that_writes_more_than_its_manifest_records_is_refused(lie, t
     with pytest.raises(ArchiveError) as raised:
         ensure_staged(archive)
 
-    recorded = "2,097,152 bytes in 20 entries" if lie == "unpacked_bytes" else "20,971,520 bytes in 3 entries"
+    recorded = "2.1 MB in 20 entries" if lie == "unpacked_bytes" else "21.0 MB in 3 entries"
     assert str(raised.value) == (
         f"Refusing {archive}: it unpacks to more than its manifest records ({recorded}); it is damaged or not the "
         "archive its manifest describes — re-create it with `kernelprov pack`.")
@@ -149,7 +149,7 @@ def test_an_oversized_unpack_script_is_refused_before_it_is_read_into_memory(tmp
     with pytest.raises(ArchiveError) as raised:
         ensure_staged(archive)
 
-    assert str(raised.value) == (f"Refusing {archive}: its bin/conda-unpack is 41,943,040 bytes, more than the 16 MiB any "
+    assert str(raised.value) == (f"Refusing {archive}: its bin/conda-unpack is 41.9 MB, more than the 16.8 MB any "
                                  "conda-pack env needs; re-create it with `kernelprov pack`.")
     assert _no_staging_left(cache_root)
 

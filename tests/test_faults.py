@@ -66,7 +66,7 @@ def test_preflight_refuses_an_env_larger_than_the_free_space(small_fs, runnable_
 
 def test_preflight_counts_inodes_too(small_fs, runnable_archive):
     root = small_fs("size=2g,nr_inodes=2000")
-    with pytest.raises(CacheError, match=r"files, but only \d+ .*files are free"):
+    with pytest.raises(CacheError, match=r"files, but only [\d.]+ [kMGT]?B and [\d,]+ files are free"):
         ensure_staged(runnable_archive, cache_root=root)
     assert _no_staging_left(root)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import ArchiveError
+from ..errors import ArchiveError, human_size
 
 
 def stat_archive(archive: Path) -> os.stat_result:
@@ -19,14 +19,16 @@ def stat_archive(archive: Path) -> os.stat_result:
         st = os.stat(archive)
     except FileNotFoundError:
         raise ArchiveError(
-            f"The environment archive {archive} does not exist; check the path, or reinstall the kernel with `kernelprov install`."
+            "The archive is missing.",
+            f"The environment archive {archive} does not exist; check the path, or reinstall the kernel with `kernelprov install`.",
         ) from None
     except OSError as err:
-        raise ArchiveError(f"Cannot read the environment archive {archive}: {err.strerror}.") from err
+        raise ArchiveError("The archive cannot be read.", f"Cannot read the environment archive {archive}: {err.strerror}.") from err
     if not os.access(archive, os.R_OK):
-        raise ArchiveError(f"The environment archive {archive} is not readable by you; ask its owner to make it readable (chmod a+r).")
+        raise ArchiveError("The archive is not readable by you.",
+                           f"The environment archive {archive} is not readable by you; ask its owner to make it readable (chmod a+r).")
     if not archive.is_file():
-        raise ArchiveError(f"{archive} is not a file; point the kernel at a conda-pack archive.")
+        raise ArchiveError("The archive is not a file.", f"{archive} is not a file; point the kernel at a conda-pack archive.")
     return st
 
 
@@ -41,8 +43,9 @@ def check_allowed(archive: Path, allowed_roots: list[str]) -> None:
         if real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep):
             return
     raise ArchiveError(
+        "The archive is not in a place this site allows.",
         f"{archive} is outside the archive locations this site allows ({', '.join(allowed_roots)}); "
-        "ask your admin, or use an environment from those locations."
+        "ask your admin, or use an environment from those locations.",
     )
 
 
@@ -51,9 +54,25 @@ def check_unchanged(archive: Path, before: os.stat_result) -> None:
     try:
         after = os.stat(archive)
     except OSError as err:
-        raise ArchiveError(f"The environment archive {archive} disappeared while it was being unpacked; try again.") from err
+        raise ArchiveError("The archive vanished while being unpacked.",
+                           f"The environment archive {archive} disappeared while it was being unpacked; try again.") from err
     if (after.st_size, after.st_mtime_ns, after.st_ino) != (before.st_size, before.st_mtime_ns, before.st_ino):
-        raise ArchiveError(f"The environment archive {archive} changed while it was being unpacked; try again once it is complete.")
+        raise ArchiveError("The archive changed while being unpacked.",
+                           f"The environment archive {archive} changed while it was being unpacked; try again once it is complete.")
+
+
+def size_mismatch(archive: Path, actual: int, recorded: int, advice: str) -> ArchiveError:
+    """The one message for an archive whose size is not the one its manifest records (a copy
+    still under way, or cut short), in sizes a researcher reads — their difference when both
+    round to the same figure."""
+    shown, expected = human_size(actual), human_size(recorded)
+    if shown == expected:
+        shown = f"{human_size(abs(recorded - actual))} {'smaller' if actual < recorded else 'larger'} than"
+        comparison = f"{archive} is {shown} its manifest records ({expected})"
+    else:
+        comparison = f"{archive} is {shown} but its manifest records {expected}"
+    return ArchiveError("The archive is incomplete." if actual < recorded else "The archive does not match its manifest.",
+                        f"{comparison}; {advice}")
 
 
 def not_a_conda_env(archive: Path) -> ArchiveError:
@@ -61,6 +80,7 @@ def not_a_conda_env(archive: Path) -> ArchiveError:
     ``bin/python``): a kernel from it can never start. Raised by ``install``, after staging, and
     shown by ``doctor`` and the panel (from the manifest's ``conda_env``)."""
     return ArchiveError(
+        "The archive holds no conda environment.",
         f"{archive} is not a conda-pack environment (it has no bin/python or no conda-meta/); "
-        "pack the env with `kernelprov pack` or conda-pack and install that archive."
+        "pack the env with `kernelprov pack` or conda-pack and install that archive.",
     )

@@ -11,6 +11,7 @@ list and clean it. Layout under the cache root (``$KERNELPROV_CACHE_DIR``, ``$SL
         <key>.lock                serialises staging and eviction of one env across processes
         <key>.leases/<pid>        one per running kernel, flock'ed by it: the env is in use
         <key>.squashfs            image mode only: the image copy mounted at <key>/
+        <key>.progress            while <key> is being staged: bytes done of total (ProgressFile)
         .staging-<key>-<random>/  extraction in progress (removed on failure or by the next start)
 
 A tree's key is a hash of its archive's path, size and mtime; an image's, of its baked mount
@@ -33,10 +34,11 @@ import os
 import secrets
 import shutil
 import stat
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from ..errors import CacheError
 from .formats import strip_suffix
@@ -105,7 +107,7 @@ def unmarked_keys(user_dir: Path) -> set[str]:
     """
     keys = set()
     for path in Path(user_dir).iterdir():
-        key = path.name.removesuffix(".squashfs").removesuffix(".leases")
+        key = path.name.removesuffix(".squashfs").removesuffix(".leases").removesuffix(".progress")
         if len(key) == _KEY_LENGTH and all(c in "0123456789abcdef" for c in key) and not marker_path(user_dir, key).exists():
             keys.add(key)
     return keys
@@ -325,6 +327,9 @@ def remove_unpublished(user_dir: PrivateDir | Path, key: str) -> None:
     for leftover in Path(user_dir).glob(f".staging-{key}-*"):
         log.info("removing leftover staging directory %s", leftover)
         remove_name(user_dir, leftover.name)
+    for name in (progress_name(key), f"{progress_name(key)}.tmp"):  # a killed stage's last progress
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=user_dir.fd)
     if read_marker(user_dir, key) is not None:
         return
     for name in (key, f"{key}.leases", f"{key}.squashfs"):
@@ -382,3 +387,119 @@ def _remove_image_link(link: Path, target: Path) -> None:
         except OSError:
             pass
         remove_name(link_dir, f"{link.name}.leases")
+
+
+# --- Progress of a stage, readable by every process of the user ------------------------------
+
+#: A stage rewrites its ``<key>.progress`` at most this often (the read-ahead thread reports more).
+PROGRESS_INTERVAL_SECONDS = 0.5
+#: A progress record is four numbers: anything longer was not written by kernelprov.
+_MAX_PROGRESS_BYTES = 4096
+
+
+def progress_name(key: str) -> str:
+    """The name of ``key``'s progress record in the user's dir."""
+    return f"{key}.progress"
+
+
+class ProgressFile:
+    """``<key>.progress``: how far the stage of ``key`` has come, for every process of this user.
+
+    Opened by :func:`.stage.ensure_staged` with the key's lock held, around the unpack or image
+    copy; :meth:`report` is its progress callback (thread-safe: tar formats call it from the
+    read-ahead thread). The record — ``{"done", "total", "started_at", "pid"}`` — is written
+    atomically through the user dir's fd, at most every :data:`PROGRESS_INTERVAL_SECONDS`, and
+    removed when the stage ends, whether it worked or not. A kill -9 leaves it behind, so readers
+    trust it only while the key's lock is held (:func:`.inventory.staging_progress`). A record
+    that cannot be written (a full disk) only loses the hint.
+    """
+
+    def __init__(self, user_dir: PrivateDir, key: str, total: int):
+        self.user_dir, self.key, self.total = user_dir, key, total
+        self.started_at = time.time()
+        self._guard = threading.Lock()
+        self._written_at = 0.0
+        self._written_done = -1
+        self._closed = False
+
+    def __enter__(self) -> ProgressFile:
+        self.report(0, self.total)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def report(self, done: int, total: int) -> None:
+        """Record that ``done`` of ``total`` archive bytes were read; rate-limited, never raises."""
+        with self._guard:
+            now = time.monotonic()
+            finished_now = done >= total and self._written_done < total
+            if self._closed or (now - self._written_at < PROGRESS_INTERVAL_SECONDS and not finished_now):
+                return
+            self._written_at, self._written_done = now, done
+            self._write({"done": int(done), "total": int(total), "started_at": self.started_at, "pid": os.getpid()})
+
+    def chain(self, progress: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
+        """A callback that records the progress here, then passes it on to ``progress``."""
+        if progress is None:
+            return self.report
+
+        def both(done: int, total: int) -> None:
+            self.report(done, total)
+            progress(done, total)
+
+        return both
+
+    def _write(self, record: dict) -> None:
+        tmp = f"{progress_name(self.key)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.user_dir.fd)
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f)
+            os.replace(tmp, progress_name(self.key), src_dir_fd=self.user_dir.fd, dst_dir_fd=self.user_dir.fd)
+        except OSError as err:
+            log.debug("could not record the progress of %s: %s", self.key, err)
+
+    def close(self) -> None:
+        """Remove the record (the stage ended); later reports are ignored."""
+        with self._guard:
+            self._closed = True
+            for name in (progress_name(self.key), f"{progress_name(self.key)}.tmp"):
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=self.user_dir.fd)
+
+
+def read_progress(user_dir: PrivateDir, key: str) -> dict | None:
+    """``key``'s progress record as ``{"done", "total", "started_at", "pid"}``, or None.
+
+    Read without trusting the file: through the dir's fd, never following a link, only a regular
+    file, at most a few kB, and every field type-checked. Says nothing about whether the stage is
+    still alive; :func:`.inventory.staging_progress` checks the lock for that.
+    """
+    try:
+        fd = os.open(progress_name(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=user_dir.fd)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = os.read(fd, _MAX_PROGRESS_BYTES + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(data) > _MAX_PROGRESS_BYTES:
+        return None
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    done, total, started_at, pid = (record.get(name) for name in ("done", "total", "started_at", "pid"))
+    counts_ok = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (done, total))
+    pid_ok = isinstance(pid, int) and not isinstance(pid, bool) and pid > 0
+    time_ok = isinstance(started_at, (int, float)) and not isinstance(started_at, bool) and started_at > 0
+    if not (counts_ok and pid_ok and time_ok):
+        return None
+    return {"done": min(done, total), "total": total, "started_at": float(started_at), "pid": pid}

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
-from ..errors import ArchiveError
+from ..errors import ArchiveError, human_size
 from .formats import detect_format, is_image
 from .streams import (CHUNK, HashingReader, ProgressCallback, ReadAhead, decompression_error_types, decompressor,
                       is_decompression_error)
@@ -58,6 +58,8 @@ ENTRY_COST = 512
 #: What reading a damaged archive raises besides the decompressors' own errors (OSError: gzip and
 #: bz2 report damage as one without an errno; those with an errno are the local disk's).
 _STREAM_ERRORS = (TarFormatError, zipfile.BadZipFile, EOFError, ValueError, OverflowError, NotImplementedError, OSError)
+#: The lead of every message that refuses an archive's content.
+_UNSAFE = "The archive holds something unsafe."
 #: How each format's damage is named in messages.
 _CODECS = {"tar.gz": "gzip", "tar.bz2": "bzip2", "tar.xz": "xz", "tar.zst": "zstd", "tar": "tar", "zip": "zip"}
 
@@ -79,15 +81,15 @@ def unpack_limits(archive_size: int, manifest=None, *, ceiling: int = 0) -> Unpa
     recorded_members = getattr(manifest, "members", None)
     if isinstance(recorded_bytes, int) and recorded_bytes >= 0:
         members = recorded_members if isinstance(recorded_members, int) and recorded_members >= 0 else None
-        entries = f" in {members} entries" if members is not None else ""
+        entries = f" in {members:,} entries" if members is not None else ""
         return UnpackLimits(
-            max_bytes=recorded_bytes, max_members=members, recorded=f"its manifest records ({recorded_bytes:,} bytes{entries})",
+            max_bytes=recorded_bytes, max_members=members, recorded=f"its manifest records ({human_size(recorded_bytes)}{entries})",
             remedy="it is damaged or not the archive its manifest describes — re-create it with `kernelprov pack`",
         )
     limit = ceiling if ceiling > 0 else max(archive_size * UNPACKED_RATIO_CEILING, UNPACKED_FLOOR_CEILING)
     return UnpackLimits(
         max_bytes=limit, entry_cost=ENTRY_COST,
-        recorded=f"{limit:,} bytes, the most kernelprov unpacks from a {archive_size:,}-byte archive without a manifest",
+        recorded=f"{human_size(limit)}, the most kernelprov unpacks from a {human_size(archive_size)} archive without a manifest",
         remedy="if it is a genuine environment, record its real size with `kernelprov install --archive` "
         "(which writes its manifest), or re-create it with `kernelprov pack`",
     )
@@ -102,13 +104,14 @@ def damaged_archive_error(archive: Path, fmt: str, err: BaseException) -> Archiv
     """
     codec = _CODECS.get(fmt, fmt)
     if isinstance(err, TarUnsafeError):
-        return ArchiveError(f"Refusing {archive}: {err}; re-create it with `kernelprov pack`.")
+        return ArchiveError(_UNSAFE, f"Refusing {archive}: {err}; re-create it with `kernelprov pack`.")
     if isinstance(err, TarFormatError):
         reason = str(err)
     elif isinstance(err, zipfile.BadZipFile):
         reason = "its zip directory or a member's checksum is damaged"
     elif isinstance(err, NotImplementedError):  # zipfile: a compression method it cannot inflate
-        return ArchiveError(f"Refusing {archive}: a member uses a zip compression method kernelprov cannot read; "
+        return ArchiveError("The archive uses an unsupported zip compression.",
+                            f"Refusing {archive}: a member uses a zip compression method kernelprov cannot read; "
                             "re-create it with `kernelprov pack`.")
     elif isinstance(err, EOFError):
         reason = f"its {codec} data ends early"
@@ -119,7 +122,8 @@ def damaged_archive_error(archive: Path, fmt: str, err: BaseException) -> Archiv
     else:
         return None
     log.debug("cannot read %s as %s: %r", archive, fmt, err)
-    return ArchiveError(f"{archive} is truncated or corrupt ({reason}); re-copy it, or re-create it with `kernelprov pack`.")
+    return ArchiveError("The archive is damaged.",
+                        f"{archive} is truncated or corrupt ({reason}); re-copy it, or re-create it with `kernelprov pack`.")
 
 
 def _second_opinion(entry: TarEntry, dest: str, archive: Path) -> None:
@@ -139,14 +143,14 @@ def _second_opinion(entry: TarEntry, dest: str, archive: Path) -> None:
     try:
         data_filter(info, dest)
     except tarfile.FilterError as err:
-        raise ArchiveError(f"Refusing {archive}: member {entry.name!r} is unsafe ({err}).") from err
+        raise ArchiveError(_UNSAFE, f"Refusing {archive}: member {entry.name!r} is unsafe ({err}).") from err
 
 
 def _tar_members(stream: BinaryIO, archive: Path, dest: str) -> Iterator[tuple[Member, Iterable[bytes] | None]]:
     for entry, chunks in TarStream(stream).entries():
         name = normalise_member_name(entry.name, archive)
         if entry.kind == "special":
-            raise ArchiveError(f"Refusing {archive}: member {entry.name!r} is a device, FIFO or other special file.")
+            raise ArchiveError(_UNSAFE, f"Refusing {archive}: member {entry.name!r} is a device, FIFO or other special file.")
         if entry.kind in ("symlink", "hardlink"):
             _second_opinion(entry, dest, archive)
         yield Member(name, entry.kind, entry.mode, entry.mtime, entry.linkname, entry.size), chunks
@@ -156,7 +160,8 @@ def _zip_members(zf: zipfile.ZipFile, archive: Path) -> Iterator[tuple[Member, I
     for info in zf.infolist():
         name = normalise_member_name(info.filename, archive)
         if info.flag_bits & 0x1:
-            raise ArchiveError(f"Refusing {archive}: member {info.filename!r} is encrypted; re-create it with `kernelprov pack`.")
+            raise ArchiveError("The archive is encrypted.",
+                               f"Refusing {archive}: member {info.filename!r} is encrypted; re-create it with `kernelprov pack`.")
         unix_mode = info.external_attr >> 16
         mtime = time.mktime(info.date_time + (0, 0, -1))
         if info.is_dir():
@@ -166,11 +171,11 @@ def _zip_members(zf: zipfile.ZipFile, archive: Path) -> Iterator[tuple[Member, I
             with zf.open(info) as data:  # a link target is a path: never read more than a path can be
                 target = data.read(4097).decode("utf-8", "surrogateescape")
             if too_long(target):
-                raise ArchiveError(f"Refusing {archive}: member {info.filename!r} is a link whose target is longer than a path can be; "
-                                   "re-create it with `kernelprov pack`.")
+                raise ArchiveError(_UNSAFE, f"Refusing {archive}: member {info.filename!r} is a link whose target is longer "
+                                   "than a path can be; re-create it with `kernelprov pack`.")
             yield Member(name, "symlink", 0o777, mtime, target), None
         elif stat.S_IFMT(unix_mode) not in (0, stat.S_IFREG):  # many zip writers leave the type unset
-            raise ArchiveError(f"Refusing {archive}: member {info.filename!r} is a device, FIFO or other special file.")
+            raise ArchiveError(_UNSAFE, f"Refusing {archive}: member {info.filename!r} is a device, FIFO or other special file.")
         else:
             with zf.open(info) as data:
                 chunks = iter(lambda: data.read(CHUNK), b"")
@@ -184,8 +189,9 @@ def _write_all(members: Iterator[tuple[Member, Iterable[bytes] | None]], writer:
         if member.name == UNPACK_SCRIPT and member.kind == "file" and chunks is not None:
             if member.size > MAX_UNPACK_SCRIPT_BYTES:
                 raise ArchiveError(
-                    f"Refusing {writer.archive}: its {UNPACK_SCRIPT} is {member.size:,} bytes, more than the "
-                    f"{MAX_UNPACK_SCRIPT_BYTES >> 20} MiB any conda-pack env needs; re-create it with `kernelprov pack`."
+                    _UNSAFE,
+                    f"Refusing {writer.archive}: its {UNPACK_SCRIPT} is {human_size(member.size)}, more than the "
+                    f"{human_size(MAX_UNPACK_SCRIPT_BYTES)} any conda-pack env needs; re-create it with `kernelprov pack`.",
                 )
             content = b"".join(chunks)
             writer.result.unpack_script = content
@@ -204,13 +210,14 @@ def extract(archive: Path, dest: Path, *, progress: ProgressCallback | None = No
     """
     fmt = detect_format(archive)
     if is_image(fmt):
-        raise ArchiveError(f"{archive} is a squashfs image, which this kernelprov cannot unpack yet; pack the env as .tar.zst.")
+        raise ArchiveError("The archive is an image this kernelprov cannot unpack.",
+                           f"{archive} is a squashfs image, which this kernelprov cannot unpack yet; pack the env as .tar.zst.")
     result = ExtractResult(format=fmt)
     writer = TreeWriter(dest, archive, result)
     try:
         raw_file = open(archive, "rb")
     except OSError as err:
-        raise ArchiveError(f"Cannot read the environment archive {archive}: {err.strerror}.") from err
+        raise ArchiveError("The archive cannot be read.", f"Cannot read the environment archive {archive}: {err.strerror}.") from err
     with raw_file:
         size = os.fstat(raw_file.fileno()).st_size
         writer.limits = limits if limits is not None else unpack_limits(size)

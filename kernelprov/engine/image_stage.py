@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..errors import ArchiveError, CacheError
 from . import cache, image, space
-from .archive import check_unchanged
+from .archive import check_unchanged, size_mismatch
 from .extract import ProgressCallback
 from .securedir import PrivateDir, private_dir_in, user_name
 
@@ -92,6 +92,7 @@ def image_slot(archive: Path, manifest) -> ImageSlot:
     dest = getattr(manifest, "dest_prefix", None) if manifest is not None else None
     if not dest:
         raise ArchiveError(
+            "The image has no manifest naming its mount point.",
             f"{archive} is a squashfs image without a kernelprov manifest naming its mount point; "
             "re-create it with `kernelprov pack --format squashfs`."
         )
@@ -100,6 +101,7 @@ def image_slot(archive: Path, manifest) -> ImageSlot:
     if (mount_point is None or not dest.startswith("/") or os.path.normpath(dest) != dest or "/../" in f"{dest}/"
             or not _IMAGE_NAME.fullmatch(mount_point.name) or mount_point.parent not in expected):
         raise CacheError(
+            "The image was packed for another user's mount point.",
             f"{archive} was packed to be mounted at {dest}, which is not a mount point in your private kernelprov directory "
             f"on this node ({expected[0]}); pack it yourself with `kernelprov pack --format squashfs`, or use .tar.zst."
         )
@@ -107,7 +109,8 @@ def image_slot(archive: Path, manifest) -> ImageSlot:
         link_dir = private_dir_in(mount_point.parent.parent, mount_point.parent.name, fallback=False,
                                   what="image mount point directory")
     except OSError as err:
-        raise CacheError(f"Cannot create {mount_point.parent} for the image {archive}: {err.strerror}; use .tar.zst instead.") from err
+        raise CacheError("The image's mount point cannot be made.",
+                         f"Cannot create {mount_point.parent} for the image {archive}: {err.strerror}; use .tar.zst instead.") from err
     return ImageSlot(link_dir, mount_point.name, mount_point, cache.short_hash(f"image\0{mount_point}"))
 
 
@@ -137,7 +140,7 @@ def stage_image(archive: Path, st: os.stat_result, manifest, user_dir: PrivateDi
     members, mark it, and point its baked mount point there. The caller holds the key's lock."""
     key = slot.key
     if manifest.size != st.st_size:
-        raise ArchiveError(f"{archive} is {st.st_size} bytes but its manifest records {manifest.size}; re-create it with `kernelprov pack`.")
+        raise size_mismatch(archive, st.st_size, manifest.size, "re-create it with `kernelprov pack`.")
     entry = cache.read_marker(user_dir, key)
     if entry is not None and entry_matches(entry, archive, st, manifest) and (
             entry.mode != "mounted" or image.is_alive(user_dir / key)):
@@ -151,7 +154,8 @@ def stage_image(archive: Path, st: os.stat_result, manifest, user_dir: PrivateDi
         digest = image.copy_image(archive, staging / "image.squashfs", progress)
         check_unchanged(archive, st)
         if manifest.sha256 and digest != manifest.sha256:
-            raise ArchiveError(f"{archive} does not match its manifest's sha256 (corrupt or replaced); re-create it with `kernelprov pack`.")
+            raise ArchiveError("The archive fails its manifest's check.",
+                               f"{archive} does not match its manifest's sha256 (corrupt or replaced); re-create it with `kernelprov pack`.")
         os.rename(f"{staging.name}/image.squashfs", copy_name, src_dir_fd=user_dir.fd, dst_dir_fd=user_dir.fd)
         os.mkdir(key, 0o755, dir_fd=user_dir.fd)
         if image.mount(user_dir / copy_name, user_dir / key):
@@ -175,7 +179,7 @@ def stage_image(archive: Path, st: os.stat_result, manifest, user_dir: PrivateDi
         if isinstance(err, OSError):
             if space.is_disk_full(err):
                 raise space.disk_full_error(user_dir, archive, err, doing="copying") from err
-            raise CacheError(f"Staging the image {archive} into {user_dir} failed: {err}.") from err
+            raise CacheError("Staging the image failed.", f"Staging the image {archive} into {user_dir} failed: {err}.") from err
         raise
     finally:
         cache.remove_name(user_dir, staging.name)
@@ -191,6 +195,7 @@ def _make_room_at(slot: ImageSlot, user_dir: PrivateDir, archive: Path, st, mani
         in_use = cache.count_leases(slot.mount_point)
         if in_use or time.time() - entry.last_used < space.BUDGET_MIN_IDLE_SECONDS:
             raise CacheError(
+                "The image's mount point serves another image.",
                 f"{slot.mount_point} already serves another image ({entry.archive}), "
                 + (f"used by {in_use} running kernel(s)" if in_use else "used in the last few minutes")
                 + f"; shut those kernels down and evict it, or re-create {archive.name} with `kernelprov pack`."

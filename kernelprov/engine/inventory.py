@@ -2,7 +2,7 @@
 
 Called by ``kernelprov list`` / ``cache list`` / ``cache clean`` / ``doctor``, and by the panel's
 server extension (every ``GET /kernelprov/envs`` describes each kernel through
-:func:`find_staged` and :func:`staging_in_progress`). Reading never writes: stale leases are only
+:func:`find_staged`, :func:`staging_in_progress` and :func:`staging_progress`). Reading never writes: stale leases are only
 counted as free here, and removed by the operations that change the cache (:func:`evict`,
 :func:`clean`).
 """
@@ -75,24 +75,55 @@ def find_staged(archive: Path | str, *, cache_root: Path | str | None = None) ->
 def staging_in_progress(archive: Path | str, *, cache_root: Path | str | None = None) -> float | None:
     """When a process (a kernel start, a job prologue) began unpacking ``archive``'s current
     version on this node, or None. Called by the REST API so the panel shows "staging…" for
-    stages it did not start itself."""
+    stages it did not start itself; :func:`staging_progress` says how far it got."""
+    progress = staging_progress(archive, cache_root=cache_root)
+    return None if progress is None else progress["started_at"]
+
+
+def staging_progress(archive: Path | str, *, cache_root: Path | str | None = None) -> dict | None:
+    """How far a process of this user (a kernel start, ``kernelprov unpack`` in a job prologue,
+    the panel's Stage now) has come unpacking ``archive``'s current version on this node:
+    ``{"done": bytes, "total": bytes, "started_at": epoch seconds, "pid": int or None}``, or None
+    when nobody is staging it.
+
+    Called by the provisioner while a start waits for another's stage, and by the REST API. The
+    stager's ``<key>.progress`` record (:class:`.cache.ProgressFile`) is trusted only while the
+    archive's lock is held and its writer lives: a kill -9 leaves it behind. Changes nothing.
+    """
     archive = Path(archive).expanduser().absolute()
     try:
-        key, _matches = _key(archive, os.stat(archive))
+        st = os.stat(archive)
+        key, _matches = _key(archive, st)
     except OSError:
         return None
     if key is None:
         return None
     for user_dir in user_dirs(cache_root):
-        started = [p.stat().st_mtime for p in user_dir.glob(f".staging-{key}-*")]
-        if not started:
-            continue
-        try:
-            with cache.key_lock(user_dir, key, timeout=0):
-                return None  # nobody holds the lock: leftovers of a killed stage
-        except cache.LockTimeout:
-            return min(started)
+        with user_dir:
+            record = cache.read_progress(user_dir, key)
+            started = [p.stat().st_mtime for p in user_dir.glob(f".staging-{key}-*")]
+            if record is None and not started:
+                continue
+            try:
+                with cache.key_lock(user_dir, key, timeout=0):
+                    continue  # nobody holds the lock: leftovers of a killed stage
+            except cache.LockTimeout:
+                pass
+            if record is not None and _alive(record["pid"]):
+                return record
+            if started:  # a stage that has not reported yet (or could not write its record)
+                return {"done": 0, "total": st.st_size, "started_at": min(started), "pid": None}
     return None
+
+
+def _alive(pid: int) -> bool:
+    """Is process ``pid`` still running (a record's writer may have been killed, and its lock
+    since taken by an eviction)?"""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False  # gone, or its number reused by another user's process: not our writer
+    return True
 
 
 def evict(archive: Path | str, *, cache_root: Path | str | None = None) -> cache.CacheEntry:

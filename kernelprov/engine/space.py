@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..errors import CacheError
+from ..errors import CacheError, human_size
 from . import cache
 
 log = logging.getLogger(__name__)
@@ -26,9 +26,8 @@ BUDGET_MIN_IDLE_SECONDS = 300.0
 _FREE_SPACE_HINT = "free space there (`kernelprov cache clean`) or set KERNELPROV_CACHE_DIR to a larger local directory"
 
 
-def human_size(n: int) -> str:
-    """``123456789`` -> ``"123 MB"``: sizes as a researcher reads them, never raw byte counts."""
-    return f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+__all__ = ["BUDGET_MIN_IDLE_SECONDS", "disk_full_error", "enforce_budget", "ensure_space", "evict_idle", "human_size",
+           "is_disk_full"]  # human_size: errors' one helper, still reachable here
 
 
 def evict_idle(user_dir: Path, *, keep: str, min_idle: float, enough: Callable[[], bool]) -> list[cache.CacheEntry]:
@@ -40,7 +39,7 @@ def evict_idle(user_dir: Path, *, keep: str, min_idle: float, enough: Callable[[
         if entry.key != keep and not entry.in_use:
             gone = cache.try_evict(user_dir, entry.key, min_idle=min_idle)
             if gone is not None:
-                log.info("evicted %s (%s bytes, last used %s)", gone.prefix, gone.env_bytes, time.ctime(gone.last_used))
+                log.info("evicted %s (%s, last used %s)", gone.prefix, human_size(gone.env_bytes), time.ctime(gone.last_used))
                 evicted.append(gone)
     return evicted
 
@@ -71,9 +70,10 @@ def ensure_space(archive: Path, st: os.stat_result, manifest, user_dir: Path, ke
         return
     vfs = os.statvfs(user_dir)
     raise CacheError(
+        "The local disk has too little room.",
         f"Not enough space in {user_dir} to unpack {archive.name}: it needs about {human_size(needed_bytes)} and "
-        f"{needed_inodes} files, but only {human_size(vfs.f_bavail * vfs.f_frsize)} and {vfs.f_favail} files are free; "
-        f"{_FREE_SPACE_HINT}."
+        f"{needed_inodes:,} files, but only {human_size(vfs.f_bavail * vfs.f_frsize)} and {vfs.f_favail:,} files are free; "
+        f"{_FREE_SPACE_HINT}.",
     )
 
 
@@ -85,7 +85,8 @@ def is_disk_full(err: OSError) -> bool:
 def disk_full_error(user_dir: Path, archive: Path, err: OSError, *, doing: str = "unpacking", needed: int | None = None) -> CacheError:
     """The one message for a disk that filled up mid-stage; the caller has removed what it wrote."""
     return CacheError(
+        "The local disk ran out of space.",
         f"The local disk at {user_dir} ran out of space while {doing} {archive.name}"
         + (f" (it needs about {human_size(needed)})" if needed else "")
-        + f"; {_FREE_SPACE_HINT}."
+        + f"; {_FREE_SPACE_HINT}.",
     )

@@ -98,7 +98,8 @@ def _staged_and_leased(user_dir, archive: Path, st, started: float, progress: Pr
         taken = _take_lease(user_dir, staged, lease, lock_timeout)
         if taken is not None:
             return dataclasses.replace(staged, lease=taken)
-    raise CacheError(f"{archive} was evicted while a kernel was starting from it, three times; try again.")
+    raise CacheError("The env was evicted while starting, three times.",
+                     f"{archive} was evicted while a kernel was starting from it, three times; try again.")
 
 
 def _take_lease(user_dir, staged: StagedEnv, name: str, lock_timeout: float) -> Path | None:
@@ -110,7 +111,8 @@ def _take_lease(user_dir, staged: StagedEnv, name: str, lock_timeout: float) -> 
                 return None
             return write_lease(staged.prefix, name)
     except cache.LockTimeout:
-        raise CacheError(f"Timed out after {lock_timeout:.0f} s waiting for the lock of {staged.prefix}; try again.") from None
+        raise CacheError("Timed out waiting for the env's lock.",
+                         f"Timed out after {lock_timeout:.0f} s waiting for the lock of {staged.prefix}; try again.") from None
 
 
 def _find_or_stage(user_dir, archive: Path, st, started: float, progress: ProgressCallback | None,
@@ -138,18 +140,23 @@ def _find_or_stage(user_dir, archive: Path, st, started: float, progress: Progre
             reused = _reuse(user_dir, key, archive, started, slot=slot, st=st, manifest=image_manifest)
             if reused is not None:
                 return reused
-            if slot is not None:
-                from .image_stage import stage_image
-
-                prefix = stage_image(archive, st, image_manifest, user_dir, slot, progress)
-            else:
-                from .unpack import stage_tree
-
+            if slot is None:
                 cache.remove_unpublished(user_dir, key)
-                prefix = stage_tree(archive, st, user_dir, key, progress, max_unpacked_bytes)
+            # Every process of this user can follow the stage through <key>.progress while we
+            # hold the lock (inventory.staging_progress); it goes when the stage ends either way.
+            with cache.ProgressFile(user_dir, key, st.st_size) as published:
+                if slot is not None:
+                    from .image_stage import stage_image
+
+                    prefix = stage_image(archive, st, image_manifest, user_dir, slot, published.chain(progress))
+                else:
+                    from .unpack import stage_tree
+
+                    prefix = stage_tree(archive, st, user_dir, key, published.chain(progress), max_unpacked_bytes)
     except cache.LockTimeout:
         raise CacheError(
-            f"Timed out after {lock_timeout:.0f} s waiting for another process to unpack {archive}; try again, or run `kernelprov cache clean`."
+            "Another unpack of this archive took too long.",
+            f"Timed out after {lock_timeout:.0f} s waiting for another process to unpack {archive}; try again, or run `kernelprov cache clean`.",
         ) from None
     finally:
         if slot is not None:

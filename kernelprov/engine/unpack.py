@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import ArchiveError, CacheError
 from . import cache, space
-from .archive import check_unchanged, not_a_conda_env
+from .archive import check_unchanged, not_a_conda_env, size_mismatch
 from .extract import ProgressCallback, extract, unpack_limits
 from .manifest import read_manifest
 from .relocate import read_prefix_records, relocate
@@ -31,10 +31,8 @@ def stage_tree(archive: Path, st: os.stat_result, user_dir: Path, key: str, prog
     """
     manifest = read_manifest(archive)
     if manifest is not None and manifest.size != st.st_size:
-        raise ArchiveError(
-            f"{archive} is {st.st_size} bytes but its manifest records {manifest.size}; it may be incomplete or "
-            "still being copied — wait for the copy to finish or re-create it with `kernelprov pack`."
-        )
+        raise size_mismatch(archive, st.st_size, manifest.size, "it may be incomplete or still being copied — wait for "
+                            "the copy to finish or re-create it with `kernelprov pack`.")
     if manifest is None:
         log.warning("%s has no manifest; extracting it without an integrity check", archive)
     space.ensure_space(archive, st, manifest, user_dir, key)
@@ -47,10 +45,12 @@ def stage_tree(archive: Path, st: os.stat_result, user_dir: Path, key: str, prog
         check_unchanged(archive, st)
         if manifest is not None:
             if result.sha256 != manifest.sha256:
-                raise ArchiveError(f"{archive} does not match its manifest's sha256 (corrupt or replaced); re-create it with `kernelprov pack`.")
+                raise ArchiveError("The archive fails its manifest's check.",
+                                   f"{archive} does not match its manifest's sha256 (corrupt or replaced); re-create it with `kernelprov pack`.")
             if manifest.members is not None and result.members != manifest.members:
                 raise ArchiveError(
-                    f"{archive} holds {result.members} entries but its manifest records {manifest.members}; re-create it with `kernelprov pack`."
+                    "The archive fails its manifest's check.",
+                    f"{archive} holds {result.members:,} entries but its manifest records {manifest.members:,}; re-create it with `kernelprov pack`.",
                 )
         if result.unpack_script is not None:
             records = read_prefix_records(result.unpack_script, archive)
@@ -74,7 +74,7 @@ def stage_tree(archive: Path, st: os.stat_result, user_dir: Path, key: str, prog
         if space.is_disk_full(err):
             needed = manifest.unpacked_bytes if manifest is not None else None
             raise space.disk_full_error(user_dir, archive, err, needed=needed) from err
-        raise CacheError(f"Unpacking {archive} into {user_dir} failed: {err}.") from err
+        raise CacheError("Unpacking failed.", f"Unpacking {archive} into {user_dir} failed: {err}.") from err
     return final
 
 
