@@ -457,3 +457,22 @@ def _save_screenshot(page, panel, tmp_path: Path, name: str = "panel.png") -> No
     if os.environ.get("KERNELPROV_UPDATE_SCREENSHOT"):
         (REPO / "docs").mkdir(exist_ok=True)
         shutil.copy2(shot, REPO / "docs" / name)
+
+
+def test_the_readme_screenshot_shows_a_staging_and_a_problem_row(lab, page, tmp_path):
+    # docs/panel.png: light theme, the default sidebar width, a summary, a problem row first, a
+    # ready row and one staging with its progress line (KERNELPROV_UPDATE_SCREENSHOT=1 rewrites it).
+    from playwright.sync_api import expect
+
+    panel = _open_panel(page)
+    demo, scratch = _row(panel, "demo"), _row(panel, "scratch")
+    _expand(demo).get_by_role("button", name="Stage now").click()
+    expect(demo.locator(".jp-kernelprov-state")).to_have_text("ready", timeout=120_000)
+    demo.locator(".jp-kernelprov-row").click()  # collapsed again
+    _expand(scratch).get_by_role("button", name="Stage now").click()
+    expect(scratch.locator(".jp-kernelprov-progressText")).to_contain_text(
+        re.compile(r"\d+ % · [\d.]+ MB of [\d.]+ MB"), timeout=120_000)
+    _save_screenshot(page, panel, tmp_path)
+    summary = panel.locator(".jp-kernelprov-summary").inner_text()
+    assert "problem" in summary and "ready" in summary, summary
+    expect(scratch.locator(".jp-kernelprov-state")).to_have_text("ready", timeout=120_000)
