@@ -9,6 +9,7 @@ anything, and runs pre-warm stages in background threads whose progress the hand
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from ..engine.formats import detect_format
 from ..engine.leases import lease_dir
 from ..engine.manifest import manifest_path, read_manifest
 from ..errors import ArchiveError, CacheError, KernelprovError, human_size
+from .events import StagingEvents
 from .kernelspecs import KernelprovKernel, kernel_from_spec, kernel_spec_manager
 
 log = logging.getLogger(__name__)
@@ -50,10 +52,19 @@ class PrewarmJob:
     total: int = 0
     error: str | None = None
     finished: bool = False
+    #: Its events on the server's event bus (the same schema as a kernel start's)
+    events: StagingEvents | None = None
 
     def report(self, done: int, total: int) -> None:
         """Progress callback for :func:`kernelprov.engine.stage.ensure_staged` (compressed bytes read)."""
         self.done, self.total = done, total
+        if self.events is not None:
+            self.events.progress_from_thread(done, total)
+
+    def announce(self, method: str, *args: Any) -> None:
+        """Emit one of its events from the staging thread (they are emitted on the loop's thread)."""
+        if self.events is not None and self.events.loop is not None and not self.events.loop.is_closed():
+            self.events.loop.call_soon_threadsafe(getattr(self.events, method), *args)
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON the panel shows as "staging 37 %" or as the error that ended the stage."""
@@ -305,9 +316,12 @@ class KernelprovEnvironments(KernelprovConfig):
             problems.append(str(err))
             return None
 
-    def start_staging(self, kernel: KernelprovKernel) -> PrewarmJob:
+    def start_staging(self, kernel: KernelprovKernel, loop: asyncio.AbstractEventLoop | None = None,
+                      event_logger: Any = None) -> PrewarmJob:
         """Called by ``POST /kernelprov/envs/<name>/stage``: stage the kernel's env in a background
         thread (a no-op when it is staged already) and return the job whose progress GET reports.
+        With the server's ``event_logger`` and event ``loop``, the stage's events go on the event
+        bus too, as a kernel start's do.
 
         A second request while one runs returns the running job. Raises
         :class:`~kernelprov.errors.KernelprovError` when the kernel cannot be staged at all.
@@ -325,6 +339,9 @@ class KernelprovEnvironments(KernelprovConfig):
             if job is not None and not job.finished:
                 return job
             job = self._jobs[key] = PrewarmJob(kernel.archive, settings.cache_dir)
+            if event_logger is not None and loop is not None:
+                job.events = StagingEvents(event_logger, kernel.archive, loop=loop, kernel_name=kernel.name,
+                                           display_name=kernel.display_name)
         # A daemon thread, not the event loop's executor: a server shutting down mid-stage must not
         # wait for it, and a killed stage leaves nothing that a later one trusts.
         thread = threading.Thread(target=self._stage, args=(job, settings, key), name=f"kernelprov-stage-{kernel.name}", daemon=True)
@@ -332,6 +349,7 @@ class KernelprovEnvironments(KernelprovConfig):
         return job
 
     def _stage(self, job: PrewarmJob, settings: KernelprovConfig, key: tuple[str, str]) -> None:
+        job.announce("started")
         try:
             staged = stage.ensure_staged(job.archive, progress=job.report, **settings.stage_options())
         except KernelprovError as err:
@@ -342,6 +360,9 @@ class KernelprovEnvironments(KernelprovConfig):
             job.error = f"Staging failed unexpectedly: {err!r}; see the server log."
         else:
             self.log.info("kernelprov: pre-warmed %s at %s in %.1f s", job.archive, staged.prefix, staged.seconds)
+            job.announce("finished", staged.seconds, staged.extracted)
+        if job.error is not None:
+            job.announce("failed", job.error)
         job.finished = True
         if job.error is None:
             with self._jobs_lock:

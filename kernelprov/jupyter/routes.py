@@ -33,6 +33,7 @@ from tornado import web
 
 from ..errors import ArchiveError, CacheError, KernelprovError, KernelspecError
 from .environments import KernelprovEnvironments
+from .events import event_logger_of
 from .kernelspecs import KernelprovKernel, validate_name
 
 #: Threads for the handlers' blocking work: reading kernel dirs and manifests on shared storage.
@@ -139,7 +140,8 @@ class StageHandler(KernelprovHandler):
     async def post(self, name: str) -> None:
         """Called by the panel's *Stage now*: start a pre-warm and answer at once (202)."""
         kernel = await self.kernel(name)
-        await _in_thread(self.environments.start_staging, kernel)
+        await _in_thread(self.environments.start_staging, kernel, asyncio.get_running_loop(),
+                         event_logger_of(self.serverapp))
         await self.reply(kernel, 202)
 
     @web.authenticated

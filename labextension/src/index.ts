@@ -343,20 +343,16 @@ const plugin: JupyterFrontEndPlugin<void> = {
             model.unwatch(event.kernel_name);
           }
         }
-        if (event.action === 'failed' && event.message) {
-          Notification.error(
-            trans.__(
-              'Kernel %1 could not start: %2',
-              event.display_name ?? event.kernel_name ?? '',
-              event.message
-            ),
-            { autoClose: false }
-          );
-        } else if (event.action === 'finished' && !event.reused) {
+        if (!event.kernel_id) {
+          return; // the panel's own Stage now: the model notifies when it ends
+        }
+        const who = event.display_name ?? event.kernel_name ?? '';
+        // A failed start has JupyterLab's own "Error Starting Kernel" dialog.
+        if (event.action === 'finished' && event.outcome === 'unpacked') {
           Notification.info(
             trans.__(
               '%1 was unpacked onto this node in %2.',
-              event.display_name ?? event.kernel_name ?? '',
+              who,
               formatDuration(event.seconds ?? 0)
             ),
             { autoClose: 5000 }

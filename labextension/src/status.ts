@@ -12,10 +12,12 @@ import { formatBytes, formatDuration } from './state';
 /** The event schema kernelprov's provisioner emits (kernelprov/jupyter/events/). */
 export const STAGING_SCHEMA = 'https://events.kernelprov.org/staging';
 
-/** One staging event, as the provisioner emits it. */
+/** One staging event, as kernelprov emits it (kernelprov/jupyter/event_schemas/staging/v1.yaml). */
 export interface IStagingEvent {
   action: 'started' | 'progress' | 'finished' | 'failed';
-  kernel_id: string;
+  archive: string;
+  /** set for a kernel start; absent for the panel's Stage now */
+  kernel_id?: string;
   kernel_name?: string;
   display_name?: string;
   done?: number;
@@ -24,7 +26,7 @@ export interface IStagingEvent {
   elapsed?: number;
   eta?: number | null;
   seconds?: number;
-  reused?: boolean;
+  outcome?: 'unpacked' | 'reused';
   message?: string;
 }
 
@@ -34,7 +36,7 @@ export function stagingEvent(emission: Event.Emission): IStagingEvent | null {
     return null;
   }
   const event = emission as unknown as IStagingEvent;
-  if (typeof event.kernel_id !== 'string' || typeof event.action !== 'string') {
+  if (typeof event.action !== 'string' || typeof event.archive !== 'string') {
     return null;
   }
   return event;
@@ -63,13 +65,11 @@ export class StagingStatus extends Widget {
 
   /** Take one event. */
   take(event: IStagingEvent): void {
+    const key = event.kernel_id ?? `stage:${event.archive}`;
     if (event.action === 'finished' || event.action === 'failed') {
-      this._starts.delete(event.kernel_id);
+      this._starts.delete(key);
     } else {
-      this._starts.set(event.kernel_id, {
-        ...this._starts.get(event.kernel_id),
-        ...event
-      });
+      this._starts.set(key, { ...this._starts.get(key), ...event });
     }
     this._render();
     this._changed.emit();
