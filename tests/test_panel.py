@@ -411,6 +411,17 @@ def test_a_failed_start_is_shown_remembered_and_leaves_no_notebook(lab, page):
     from playwright.sync_api import expect
 
     panel = _open_panel(page)
+    # The row's actions are on its context menu too, disabled where they would fail.
+    _row(panel, "cut").locator(".jp-kernelprov-row").click(button="right")
+    menu = page.locator(".lm-Menu")
+    expect(menu.locator('.lm-Menu-item[data-command="kernelprov:open-notebook"]')).to_have_attribute(
+        "aria-disabled", "true")
+    expect(menu.locator('.lm-Menu-item[data-command="kernelprov:stage"]')).to_have_attribute("aria-disabled", "true")
+    page.keyboard.press("Escape")
+    _row(panel, "scratch").locator(".jp-kernelprov-row").click(button="right")
+    expect(menu.locator('.lm-Menu-item[data-command="kernelprov:open-notebook"]')).not_to_have_attribute(
+        "aria-disabled", "true")
+    page.keyboard.press("Escape")
     row = _row(panel, "damaged")
     expect(row.locator(".jp-kernelprov-state")).to_have_text("not staged")  # nothing cheap can tell
     before = sorted(p.name for p in lab.notebooks.iterdir())
@@ -476,3 +487,42 @@ def test_the_readme_screenshot_shows_a_staging_and_a_problem_row(lab, page, tmp_
     summary = panel.locator(".jp-kernelprov-summary").inner_text()
     assert "problem" in summary and "ready" in summary, summary
     expect(scratch.locator(".jp-kernelprov-state")).to_have_text("ready", timeout=120_000)
+
+
+def test_a_kernel_start_elsewhere_shows_its_unpack_in_the_status_bar(lab, page):
+    # A start the panel did not make (the launcher, another tab, a script through the REST API)
+    # reports on the event bus: the status bar shows its progress and the row follows it.
+    import threading
+
+    from playwright.sync_api import expect
+
+    archives = lab.root / "archives"
+    shutil.copy2(archives / "scratch.tar.zst", archives / "elsewhere.tar.zst")
+    shutil.copy2(archives / "scratch.tar.zst.manifest.json", archives / "elsewhere.tar.zst.manifest.json")
+    lab.run("kernelprov", "install", "elsewhere", "--archive", str(archives / "elsewhere.tar.zst"))
+    panel = _open_panel(page)
+    panel.get_by_role("button", name="Refresh the list of environments").click()
+    row = _row(panel, "elsewhere")
+    expect(row.locator(".jp-kernelprov-state")).to_have_text("not staged")
+    page.evaluate("""() => {
+        window.kernelprovStatus = [];
+        new MutationObserver(() => {
+            const item = document.querySelector('.jp-kernelprov-status');
+            if (item && item.textContent) window.kernelprovStatus.push(item.textContent);
+        }).observe(document.body, {subtree: true, childList: true, characterData: true});
+    }""")
+    started = []
+    request = urllib.request.Request(f"{lab.url}/api/kernels", method="POST", data=json.dumps({"name": "elsewhere"}).encode(),
+                                     headers={"Authorization": f"token {lab.token}", "Content-Type": "application/json"})
+    start = threading.Thread(target=lambda: started.append(json.loads(urllib.request.urlopen(request, timeout=180).read())))
+    start.start()
+    try:
+        expect(page.locator(".jp-kernelprov-status")).to_contain_text("Unpacking Python (elsewhere)", timeout=60_000)
+        start.join(180)
+        expect(row.locator(".jp-kernelprov-state")).to_have_text("in use")
+        expect(page.locator(".jp-kernelprov-status")).to_be_hidden()
+        assert any("Unpacking Python (elsewhere)" in s for s in page.evaluate("window.kernelprovStatus"))
+    finally:
+        start.join(180)
+        for kernel in started:
+            lab.api("DELETE", f"api/kernels/{kernel['id']}")

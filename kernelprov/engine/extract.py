@@ -241,7 +241,7 @@ def extract(archive: Path, dest: Path, *, progress: ProgressCallback | None = No
             raise damaged from err
         writer.finish()
     result.sha256 = reader.sha256.hexdigest()
-    log.debug("extracted %s members (%s bytes) from %s", result.members, result.bytes_written, archive)
+    log.debug("extracted %s members (%s) from %s", result.members, human_size(result.bytes_written), archive)
     return result
 
 

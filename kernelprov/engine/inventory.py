@@ -101,7 +101,7 @@ def staging_progress(archive: Path | str, *, cache_root: Path | str | None = Non
     for user_dir in user_dirs(cache_root):
         with user_dir:
             record = cache.read_progress(user_dir, key)
-            started = [p.stat().st_mtime for p in user_dir.glob(f".staging-{key}-*")]
+            started = _mtimes(user_dir.glob(f".staging-{key}-*"))
             if record is None and not started:
                 continue
             try:
@@ -114,6 +114,17 @@ def staging_progress(archive: Path | str, *, cache_root: Path | str | None = Non
             if started:  # a stage that has not reported yet (or could not write its record)
                 return {"done": 0, "total": st.st_size, "started_at": min(started), "pid": None}
     return None
+
+
+def _mtimes(paths) -> list[float]:
+    """The mtimes of ``paths`` that still exist (a staging dir is renamed away when it publishes)."""
+    found = []
+    for path in paths:
+        try:
+            found.append(path.stat().st_mtime)
+        except FileNotFoundError:
+            continue
+    return found
 
 
 def _alive(pid: int) -> bool:

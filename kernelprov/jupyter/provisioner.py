@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,8 @@ except ImportError:  # pragma: no cover - a client without tornado just sees a K
     _ServerError = Exception  # type: ignore[assignment,misc]
 
 
+log = logging.getLogger(__name__)
+
 #: Threads that run :func:`ensure_staged` for kernel starts, apart from the event loop's default
 #: executor: a start can wait on another's unpack for minutes (its lock), and jupyter_server runs
 #: its own blocking work (e.g. the async contents manager's file reads and saves) in the default
@@ -49,6 +52,16 @@ def _archive_identity(archive: str) -> tuple | None:
     except OSError:
         return None
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _progress_of_others(archive: str, cache_root) -> dict | None:
+    """:func:`staging_progress`, for a start to relay: a cache it cannot read now only loses the
+    report (the stage itself says what is wrong with the cache)."""
+    try:
+        return staging_progress(archive, cache_root=cache_root)
+    except (KernelprovError, OSError) as err:
+        log.debug("kernelprov: no progress of %s to relay: %s", archive, err)
+        return None
 
 
 #: JupyterLab's "Error Starting Kernel" dialog shows the message on one monospace line, cut at
@@ -196,7 +209,7 @@ class KernelprovProvisioner(KernelprovConfig, LocalProvisioner):  # type: ignore
         staging = loop.run_in_executor(_STAGING_THREADS, stage)
         if not events.enabled:
             return await staging
-        watch = functools.partial(staging_progress, self.archive, cache_root=options["cache_root"])
+        watch = functools.partial(_progress_of_others, self.archive, options["cache_root"])
         while not (await asyncio.wait({staging}, timeout=PROGRESS_INTERVAL_SECONDS))[0]:
             if time.monotonic() - events.last_report < PROGRESS_INTERVAL_SECONDS:
                 continue
