@@ -17,7 +17,7 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from ..errors import ArchiveError
+from ..errors import ArchiveError, human_size
 
 #: Progress callbacks receive (archive bytes read so far, archive size in bytes). For tar formats they
 #: are called from the read-ahead thread (see :class:`ReadAhead`), so they must be thread-safe.
@@ -51,7 +51,7 @@ class HashingReader(io.RawIOBase):
             n = self._raw.readinto(buffer)
         except OSError as err:
             raise ArchiveError(
-                f"Reading the environment archive {self._archive} failed after {self.done} bytes ({err.strerror or err}); "
+                f"Reading the environment archive {self._archive} failed after {human_size(self.done)} ({err.strerror or err}); "
                 "check the file system it is on, or re-copy it."
             ) from err
         if n:

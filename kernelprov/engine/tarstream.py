@@ -25,6 +25,8 @@ import math
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
+from ..errors import human_size
+
 BLOCK = 512
 _CHUNK = 1 << 20
 #: The most a pax ``x``/``g`` or GNU ``L``/``K`` header may hold (and all of them before one
@@ -201,7 +203,7 @@ class TarStream:
                 held = max(size, pending_bytes, global_bytes)
                 if held > MAX_HEADER_BYTES:
                     raise TarUnsafeError(
-                        f"its pax or long-name headers declare {held:,} bytes, more than the {MAX_HEADER_BYTES >> 20} MiB "
+                        f"its pax or long-name headers declare {human_size(held)}, more than the {MAX_HEADER_BYTES >> 20} MiB "
                         "such headers may hold"
                     )
                 data = self._take(size)
@@ -232,7 +234,7 @@ class TarStream:
                 size = _pax_size(fields["size"], size, name)
             if size and kind != "file":
                 # tarfile reads such "data" as the next headers, GNU tar skips it: two archives in one.
-                raise TarUnsafeError(f"member {name[:200]!r} is a {_KIND_NAMES[kind]} that declares {size} bytes of data")
+                raise TarUnsafeError(f"member {name[:200]!r} is a {_KIND_NAMES[kind]} that declares {human_size(size)} of data")
             mtime = _pax_mtime(fields["mtime"]) if "mtime" in fields else float(_number(block[136:148]))
             entry = TarEntry(
                 name=name,

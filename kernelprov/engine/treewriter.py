@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from ..errors import ArchiveError
+from ..errors import ArchiveError, human_size
 
 #: Linux's limits on a whole path and on one of its components, in bytes.
 _PATH_MAX, _NAME_MAX = 4095, 255
@@ -184,7 +184,7 @@ class TreeWriter:
         if written != member.size:
             raise ArchiveError(
                 f"{self.archive} is truncated or corrupt (member {shown(member.name)} does not hold the "
-                f"{member.size} bytes it declares); re-copy it, or re-create it with `kernelprov pack`."
+                f"{human_size(member.size)} it declares); re-copy it, or re-create it with `kernelprov pack`."
             )
         self.result.bytes_written += written
         self.result.files.add(member.name)
