@@ -134,6 +134,22 @@ def test_a_cold_start_reports_started_progress_finished(bus, kernels, tiny_archi
     assert [e["action"] for e in events] == ["started", "finished"] and events[-1]["outcome"] == "reused"
 
 
+def test_stage_now_reports_on_the_bus_like_a_kernel_start(bus, jp_fetch, jp_asyncio_loop, tiny_archives, copy_archive,
+                                                           capsys):
+    archive = copy_archive(tiny_archives["tar.zst"], "panel.tar.zst")
+    _install("panel", archive, "Panel (events)")
+    capsys.readouterr()
+
+    reply = jp_asyncio_loop.run_until_complete(jp_fetch("kernelprov", "envs", "panel", "stage", method="POST", body=b""))
+    assert reply.code == 202
+    events = bus.until(lambda event: event["action"] in ("finished", "failed"))
+
+    actions = [e["action"] for e in events]
+    assert actions[0] == "started" and actions[-1] == "finished" and events[-1]["outcome"] == "unpacked", events
+    for event in events:  # no kernel: the panel's own stage, named by its kernel
+        assert "kernel_id" not in event and event["kernel_name"] == "panel" and event["display_name"] == "Panel (events)"
+
+
 def test_a_failed_start_reports_its_message(bus, kernels, tiny_archives, copy_archive, capsys):
     archive = copy_archive(tiny_archives["tar.gz"], "gone.tar.gz")
     _install("gone", archive, "Gone (events)")

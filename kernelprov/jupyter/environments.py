@@ -281,18 +281,12 @@ class KernelprovEnvironments(KernelprovConfig):
             return job.as_dict()
         if entry is not None:
             return None
-        progress = inventory.staging_progress(archive, cache_root=cache_dir) \
-            if hasattr(inventory, "staging_progress") else None
-        if progress is not None:
-            done, total = progress.get("done", 0), progress.get("total", 0)
-            return {"done": done, "total": total, "fraction": min(done / total, 1.0) if total else None,
-                    "started_at": progress["started_at"], "elapsed": time.time() - progress["started_at"],
-                    "error": None}
-        started = inventory.staging_in_progress(archive, cache_root=cache_dir)
-        if started is not None:
-            return {"done": 0, "total": 0, "fraction": None, "started_at": started,
-                    "elapsed": time.time() - started, "error": None}
-        return None
+        progress = inventory.staging_progress(archive, cache_root=cache_dir)
+        if progress is None:
+            return None
+        done, total = progress["done"], progress["total"]
+        return {"done": done, "total": total, "fraction": min(done / total, 1.0) if total else None,
+                "started_at": progress["started_at"], "elapsed": time.time() - progress["started_at"], "error": None}
 
     def _manifest(self, archive: Path, problems: list[str]):
         """The archive's manifest (cached by the sidecar's stat), None without one."""
