@@ -439,6 +439,15 @@ def test_a_failed_start_is_shown_remembered_and_leaves_no_notebook(lab, page):
     expect(panel.locator("li.jp-kernelprov-env").nth(1)).to_have_attribute("data-kernel-name", "damaged")  # problems first
 
     # The server goes away: the rows stay, greyed, with nothing to click.
+    # JupyterLab's own modal "Server Connection Error" dialog comes up too: the researcher
+    # dismisses it, as this does whenever it appears, to look at the panel.
+    page.evaluate("""() => new MutationObserver(() => {
+        for (const dialog of document.querySelectorAll('.jp-Dialog')) {
+            if (dialog.textContent.includes('Server Connection Error')) {
+                dialog.querySelector('.jp-Dialog-button.jp-mod-accept, .jp-Dialog-button')?.click();
+            }
+        }
+    }).observe(document.body, {childList: true, subtree: true})""")
     lab.stop()
     panel.get_by_role("button", name="Refresh the list of environments").click()
     expect(panel.get_by_role("alert")).to_contain_text("Cannot list environments")
