@@ -3,11 +3,16 @@
 A thin layer over the plain functions the provisioner and REST API share: it parses arguments,
 shows progress on a terminal, and turns every :class:`~kernelprov.errors.KernelprovError` into a
 one-line message and a non-zero exit. ``main(argv)`` is callable from tests.
+
+``run.sh`` runs ``kernelprov unpack`` at every kernel start in clients without the provisioner, so
+that command has a fast path: its arguments are read without building the whole argparse tree,
+and its settings come from the environment without traitlets when no Jupyter config file could
+change them (issue 13; ``benchmarks/warm_unpack.py`` measures it). Anything the fast path does not
+recognise goes through argparse as before.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -19,7 +24,6 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from .. import __version__
-from ..engine.formats import FORMAT_NAMES
 from ..errors import KernelprovError, KernelspecError, human_size
 
 log = logging.getLogger("kernelprov")
@@ -28,11 +32,13 @@ log = logging.getLogger("kernelprov")
 _CACHE_DIR_HELP = "node-local cache root (default: $KERNELPROV_CACHE_DIR, $SLURM_TMPDIR, $TMPDIR, then /tmp)"
 
 
-def _common_options(default) -> argparse.ArgumentParser:
+def _common_options(default) -> "argparse.ArgumentParser":
     """The options every command takes, before or after its name (``kernelprov install x --debug``).
 
     The top-level parser gets real defaults; each subcommand gets ``SUPPRESS``, so an option
     given before the subcommand is not overwritten by the subcommand's default."""
+    import argparse
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=default(False), help="log what happens, with tracebacks")
     common.add_argument("--cache-dir", metavar="DIR", default=default(None), help=_CACHE_DIR_HELP)
@@ -50,7 +56,11 @@ def _add_location_flags(parser: argparse.ArgumentParser, verb: str) -> None:
     where.add_argument("--kernels-dir", metavar="DIR", help=f"{verb} a kernels dir such as /apps/jupyterhub/kernels")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> "argparse.ArgumentParser":
+    import argparse  # deferred, as is building the tree: the warm `unpack` needs neither
+
+    from ..engine.formats import FORMAT_NAMES
+
     parser = argparse.ArgumentParser(
         prog="kernelprov",
         description="Run Jupyter kernels from packed conda environments staged on node-local disk.",
@@ -77,6 +87,14 @@ def _parser() -> argparse.ArgumentParser:
                               "where kernelprov is not installed (nbclient, papermill, jupyter console)")
     install.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                          help="environment variable for the kernel (repeatable)")
+    # --- Slurm kernels (kernelprov/jupyter/slurm/): the kernel runs in a batch job on a compute node
+    slurm = install.add_argument_group("Slurm", "run the kernel as a Slurm job on a compute node (kernelprov-slurm-provisioner)")
+    slurm.add_argument("--slurm", action="store_true", help="start the kernel with sbatch; the env is staged on the node")
+    for flag, metavar, what in (("--partition", "P", "partition"), ("--time", "T", "time limit (sbatch --time)"),
+                                ("--cpus", "N", "CPUs (sbatch --cpus-per-task)"), ("--mem", "M", "memory (sbatch --mem)"),
+                                ("--gres", "G", "generic resources, e.g. gpu:1"), ("--account", "A", "account")):
+        slurm.add_argument(flag, metavar=metavar, help=f"the job's {what} (with --slurm)")
+    # --- end Slurm kernels
 
     pack = sub.add_parser("pack", parents=[common], help="pack a conda env into an archive with a manifest")
     pack.add_argument("name", nargs="?", help="conda env name")
@@ -119,7 +137,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``kernelprov`` and ``jupyter-kernelprov``; returns the exit status."""
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _fast_unpack_args(argv) or _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="kernelprov: %(message)s")
     try:
         return _COMMANDS[args.command](args) or 0
@@ -131,6 +150,65 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kernelprov: interrupted", file=sys.stderr)
         return 130
+
+
+def _fast_unpack_args(argv: list[str]):
+    """The namespace argparse would make for a plain ``kernelprov unpack`` command line, or None.
+
+    Called by :func:`main` first. It knows only ``unpack``'s own options and the common ones
+    (``--debug``, ``--cache-dir``), spelled in full and given once; anything else — help,
+    abbreviations, repeats, mistakes — returns None, so that argparse parses it and reports any
+    error exactly as before."""
+    import types
+
+    values = {"command": "unpack", "debug": False, "cache_dir": None, "quiet": False, "lease": None, "archive": None}
+    command_seen = False
+    seen: set[str] = set()
+    tokens = list(argv)
+    while tokens:
+        token = tokens.pop(0)
+        name, equals, value = token.partition("=") if token.startswith("--") else (token, "", "")
+        if name in seen:
+            return None
+        if token == "unpack" and not command_seen:
+            command_seen = True
+        elif name == "--debug" and not equals:
+            values["debug"] = True
+        elif name in ("-q", "--quiet") and not equals and command_seen:
+            values["quiet"] = True
+        elif name == "--cache-dir" or (name == "--lease" and command_seen):
+            if not equals:
+                if not tokens or tokens[0].startswith("-"):
+                    return None
+                value = tokens.pop(0)
+            values[name[2:].replace("-", "_")] = value
+        elif command_seen and not token.startswith("-") and values["archive"] is None:
+            values["archive"] = token
+            continue
+        else:
+            return None
+        seen.add(name)
+    if not command_seen or values["archive"] is None:
+        return None
+    if values["lease"] is not None:
+        try:
+            values["lease"] = int(values["lease"])
+        except ValueError:
+            return None
+    return types.SimpleNamespace(**values)
+
+
+def _stage_options(args) -> dict:
+    """Keyword arguments of ``ensure_staged`` for this command line: from the environment alone
+    when no Jupyter config file could change a kernelprov setting (no traitlets to import, no
+    config file to run), else from the full :class:`~kernelprov.config.KernelprovConfig`."""
+    from .. import envvars
+
+    if args.cache_dir and not os.path.isabs(os.path.expanduser(args.cache_dir)):
+        return _settings(args).stage_options()  # the trait's own validation says what is wrong
+    if envvars.site_config_may_configure():
+        return _settings(args).stage_options()
+    return envvars.stage_options(args.cache_dir)
 
 
 def _settings(args):
@@ -159,10 +237,23 @@ def _progress(description: str, enabled: bool) -> Iterator:
 def _stage(args, archive: str, quiet: bool = False):
     from ..engine.stage import ensure_staged
 
-    settings = _settings(args)
+    options = _stage_options(args)
     lease = getattr(args, "lease", None)
     with _progress(f"Unpacking {Path(archive).name}", not quiet) as progress:
-        return ensure_staged(archive, progress=progress, lease=str(lease) if lease else None, **settings.stage_options())
+        return ensure_staged(archive, progress=progress, lease=str(lease) if lease else None, **options)
+
+
+def _slurm_settings(args) -> dict | None:
+    """The Slurm kernel settings of ``install --slurm ...`` (None: a local kernel); a Slurm flag
+    without ``--slurm`` is refused rather than ignored."""
+    flags = (("partition", "partition"), ("time", "time_limit"), ("cpus", "cpus"), ("mem", "memory"), ("gres", "gres"),
+             ("account", "account"))
+    given = {flag: getattr(args, flag) for flag, _trait in flags if getattr(args, flag)}
+    if not args.slurm:
+        if given:
+            raise KernelspecError(f"--{', --'.join(given)} apply to Slurm kernels only; add --slurm.")
+        return None
+    return {trait: given[flag] for flag, trait in flags if flag in given}
 
 
 def _cmd_install(args) -> int:
@@ -174,6 +265,7 @@ def _cmd_install(args) -> int:
         args.name, kernels_dir, env_prefix=args.env_prefix, archive=args.archive, output=args.output, fmt=args.format,
         display_name=args.display_name, env=_parse_env(args.env), replace=args.replace, verbose=sys.stderr.isatty(),
         plain_twin=args.plain_twin,
+        slurm=_slurm_settings(args),  # Slurm kernels (kernelprov/jupyter/slurm/)
         # stdout, as progress: a failure that follows is then the one line on stderr
         on_pack=lambda source, destination: print(f"Packing {source} into {destination} ...", flush=True),
     )

@@ -51,6 +51,7 @@ def install_kernel(
     verbose: bool = False,
     on_pack: Callable[[str, Path], None] | None = None,
     plain_twin: bool = False,
+    slurm: dict | None = None,
 ) -> InstalledKernel:
     """Install kernel ``name`` into ``kernels_dir`` and return where it went.
 
@@ -61,6 +62,9 @@ def install_kernel(
     ``on_pack(source, destination)`` is called before packing starts, for the CLI to say so.
     ``plain_twin`` also writes ``NAME-plain`` (:func:`.kernelspecs.build_plain_twin_json`): the same
     run.sh without the provisioner stanza, for clients that lack kernelprov.
+    ``slurm`` (a dict of :class:`~.slurm.provisioner.KernelprovSlurmProvisioner` settings, possibly
+    empty) makes a Slurm kernel: its kernel.json selects ``kernelprov-slurm-provisioner`` with
+    those settings, and the kernel runs as a batch job on a compute node.
     Raises :class:`~kernelprov.errors.KernelprovError` subclasses.
     """
     name = kernelspecs.validate_name(name)
@@ -88,7 +92,7 @@ def install_kernel(
                      force=bool(output) and replace, verbose=verbose)
             archive = final
         kernelspecs.write_kernel_files(tmp_dir, name, display_name=display_name or f"Python ({name})",
-                                       archive=archive, env=env, archive_managed=managed)
+                                       archive=archive, env=env, archive_managed=managed, slurm=slurm)
         if twin_tmp is not None:
             kernelspecs.write_plain_twin_files(twin_tmp, name, display_name=display_name or f"Python ({name})", env=env)
         destination = kernelspecs.place_kernel_dir(tmp_dir, name)

@@ -39,6 +39,9 @@ from ..errors import KernelspecError
 log = logging.getLogger(__name__)
 
 PROVISIONER_NAME = "kernelprov-provisioner"
+#: Slurm kernels (kernelprov/jupyter/slurm/): the kernel runs in a batch job on a compute node.
+SLURM_PROVISIONER_NAME = "kernelprov-slurm-provisioner"
+PROVISIONER_NAMES = (PROVISIONER_NAME, SLURM_PROVISIONER_NAME)
 SPEC_VERSION = 1
 LOGOS = ("logo-32x32.png", "logo-64x64.png")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -170,18 +173,34 @@ def prepare_kernel_dir(name: str, kernels_dir: Path, *, replace: bool) -> Path:
 
 
 def write_kernel_files(tmp_dir: Path, name: str, *, display_name: str, archive: Path, env: dict[str, str] | None = None,
-                       provisioner_config: dict | None = None, archive_managed: bool = False) -> None:
-    """Write kernel.json, run.sh and the logos into ``tmp_dir`` for the final dir ``kernels_dir/name``."""
+                       provisioner_config: dict | None = None, archive_managed: bool = False,
+                       slurm: dict | None = None) -> None:
+    """Write kernel.json, run.sh and the logos into ``tmp_dir`` for the final dir ``kernels_dir/name``.
+
+    ``slurm`` (settings, possibly empty) writes a Slurm kernel (:func:`slurm_kernel_json`)."""
     final_dir = tmp_dir.parent / name
     stager = sys.executable
     spec = build_kernel_json(final_dir, display_name=display_name, archive=archive, env=env,
                              provisioner_config=provisioner_config, archive_managed=archive_managed, stager=stager)
+    if slurm is not None:
+        spec = slurm_kernel_json(spec, slurm, stager)
     (tmp_dir / "kernel.json").write_text(json.dumps(spec, indent=2) + "\n")
     run_sh = tmp_dir / "run.sh"
     run_sh.write_text(render_run_sh(name, archive, stager))
     run_sh.chmod(0o755)
     for logo in LOGOS:
         (tmp_dir / logo).write_bytes(resources.files("kernelprov.resources").joinpath(logo).read_bytes())
+
+
+def slurm_kernel_json(spec: dict, settings: dict, stager: str) -> dict:
+    """``spec`` (from :func:`build_kernel_json`) as a Slurm kernel: ``kernelprov-slurm-provisioner``
+    with ``settings`` (partition, time_limit, cpus, memory, gres, account, ...) and the stager,
+    which the job runs on the compute node. argv stays run.sh: the job runs it there."""
+    config = spec["metadata"]["kernel_provisioner"]["config"]
+    spec["metadata"]["kernel_provisioner"] = {"provisioner_name": SLURM_PROVISIONER_NAME,
+                                              "config": {**config, **settings, "stager": stager}}
+    spec["metadata"]["kernelprov"]["slurm"] = True
+    return spec
 
 
 def plain_twin_name(name: str) -> str:
@@ -288,7 +307,7 @@ def kernel_from_spec(name: str, resource_dir: Path, spec: dict) -> KernelprovKer
     modification time rather than re-reading every one on each poll."""
     metadata = spec.get("metadata") or {}
     provisioner = metadata.get("kernel_provisioner") or {}
-    if not isinstance(provisioner, dict) or provisioner.get("provisioner_name") != PROVISIONER_NAME:
+    if not isinstance(provisioner, dict) or provisioner.get("provisioner_name") not in PROVISIONER_NAMES:
         return None
     config = provisioner.get("config") or {}
     ours = metadata.get("kernelprov") or {}
