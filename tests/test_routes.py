@@ -109,6 +109,7 @@ def test_lists_kernelprov_kernels_with_facts_from_their_manifests(api, install, 
         "staged": None,
         "staging": None,
         "last_failure": None,
+        "slurm_jobs": None,  # runs where the server does
         "problems": [],
     }
     # Made by conda-pack itself: its package count was read from its conda-meta at install.
@@ -444,12 +445,12 @@ def test_the_fast_poll_reports_only_staging_state(api, install, tiny_archives, m
         assert sorted(body["envs"]) == ["other", "tiny"]
         tiny = body["envs"]["tiny"]
         assert tiny["staged"] is False and tiny["staging"]["fraction"] == 0.25 and tiny["staging"]["elapsed"] >= 0
-        assert body["envs"]["other"] == {"staging": None, "staged": False}
+        assert body["envs"]["other"] == {"staging": None, "staged": False, "slurm_jobs": None}
         assert api("GET", "staging", params=[("name", "../etc")])[0] == 400
     finally:
         release.set()
     wait_for(api, "tiny", lambda env: env["staged"])
-    assert api("GET", "staging", params=[("name", "tiny")])[1]["envs"]["tiny"] == {"staging": None, "staged": True}
+    assert api("GET", "staging", params=[("name", "tiny")])[1]["envs"]["tiny"] == {"staging": None, "staged": True, "slurm_jobs": None}
 
 
 def test_polls_read_kernel_json_and_manifests_only_when_they_change(api, install, tiny_archives, jp_data_dir):

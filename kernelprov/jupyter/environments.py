@@ -190,7 +190,7 @@ class KernelprovEnvironments(KernelprovConfig):
             except KernelprovError:
                 entry = None
             states[kernel.name] = {"staging": self._staging(kernel.archive, settings.cache_dir, entry),
-                                   "staged": entry is not None}
+                                   "staged": entry is not None, "slurm_jobs": _slurm_jobs(kernel)}
         return states
 
     def describe(self, kernel: KernelprovKernel) -> dict[str, Any]:
@@ -212,6 +212,7 @@ class KernelprovEnvironments(KernelprovConfig):
             "staged": None,
             "staging": None,
             "last_failure": None,
+            "slurm_jobs": _slurm_jobs(kernel),
             "problems": problems,
         }
         archive = kernel.archive
@@ -422,3 +423,13 @@ def _has_problem(env: dict[str, Any]) -> bool:
     """Whether the panel sorts ``env`` first: something stops it, or its last stage failed."""
     staging = env.get("staging") or {}
     return bool(env["problems"] or staging.get("error") or (env.get("last_failure") and not env.get("staged")))
+
+
+def _slurm_jobs(kernel: KernelprovKernel) -> list[dict[str, Any]] | None:
+    """For a Slurm kernel, the jobs of this server's running kernels of it (job id, state,
+    reason, node, one-line description); None for a kernel that runs where the server does."""
+    if not kernel.slurm:
+        return None
+    from .slurm.provisioner import slurm_jobs_of
+
+    return slurm_jobs_of(kernel.resource_dir)

@@ -276,6 +276,8 @@ class KernelprovKernel:
     #: The interpreter run.sh stages through, as kernel.json records it (None: written before 0.1.0
     #: recorded it; ``kernelprov doctor`` then reads run.sh)
     stager: str | None = None
+    #: Runs in a Slurm job on a compute node (``kernelprov-slurm-provisioner``)
+    slurm: bool = False
 
 
 def kernel_spec_manager(extra_dirs: list[str] | None = None) -> KernelSpecManager:
@@ -322,6 +324,7 @@ def kernel_from_spec(name: str, resource_dir: Path, spec: dict) -> KernelprovKer
         archive_managed=bool(ours.get("archive_managed")),
         provisioner_config=config,
         stager=ours.get("stager") if isinstance(ours.get("stager"), str) else None,
+        slurm=provisioner.get("provisioner_name") == SLURM_PROVISIONER_NAME,
     )
 
 

@@ -337,7 +337,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
         }
         status.take(event);
         if (event.kernel_name) {
-          if (event.action === 'started') {
+          if (event.action === 'started' || event.action === 'queued') {
             model.watch(event.kernel_name);
           } else if (event.action !== 'progress') {
             model.unwatch(event.kernel_name);

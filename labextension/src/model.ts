@@ -235,7 +235,11 @@ export class EnvironmentsModel implements IDisposable {
       ) {
         ended = true; // the full description (size, path, failure) comes with the next refresh
       }
-      return state.staging ? { ...env, staging: state.staging } : env;
+      const merged =
+        state.slurm_jobs !== undefined
+          ? { ...env, slurm_jobs: state.slurm_jobs }
+          : env;
+      return state.staging ? { ...merged, staging: state.staging } : merged;
     });
     this._environments = envs;
     this._changed.emit();

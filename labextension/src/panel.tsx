@@ -42,6 +42,10 @@ function stateLabel(
   state: State,
   trans: TranslationBundle
 ): string {
+  const pending = (env.slurm_jobs ?? []).find(job => job.state === 'PENDING');
+  if (pending) {
+    return trans.__('queued: %1', pending.reason || 'Pending');
+  }
   switch (state) {
     case 'ready':
       return env.staged?.in_use ? trans.__('in use') : trans.__('ready');
@@ -151,6 +155,18 @@ function Details(props: {
           </span>
         </div>
       )}
+      {(env.slurm_jobs ?? []).map(job => (
+        <p key={job.kernel_id} className="jp-kernelprov-slurmJob">
+          {trans.__('Slurm job %1: %2', job.job_id, job.description)}
+        </p>
+      ))}
+      {env.slurm_jobs && (
+        <p className="jp-kernelprov-facts">
+          {trans.__(
+            'Runs in a Slurm job; its env is staged on the compute node.'
+          )}
+        </p>
+      )}
       {env.staged && (
         <p className="jp-kernelprov-staged" title={env.staged.prefix}>
           {[
@@ -206,8 +222,13 @@ function Actions(props: {
   let stageWhy = trans.__(
     'Unpack this environment onto this node now, so kernels start fast'
   );
+  const slurm = env.slurm_jobs !== null && env.slurm_jobs !== undefined;
   if (offline) {
     stageWhy = offlineWhy;
+  } else if (slurm) {
+    stageWhy = trans.__(
+      'A Slurm kernel stages on its compute node when its job starts'
+    );
   } else if (env.problems.length) {
     stageWhy = env.problems[0];
   } else if (state === 'ready') {
@@ -251,6 +272,7 @@ function Actions(props: {
         disabled={
           offline ||
           busy ||
+          slurm ||
           env.problems.length > 0 ||
           state === 'ready' ||
           state === 'staging'

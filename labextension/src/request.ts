@@ -26,9 +26,22 @@ export interface IEnvironment {
     in_use: number;
   } | null;
   staging: IStaging | null;
+  /** a Slurm kernel's jobs started by this server (null: the kernel runs where the server does) */
+  slurm_jobs?: ISlurmJob[] | null;
   /** the last failed stage of this archive version on this node */
   last_failure: { message: string; at: number } | null;
   problems: string[];
+}
+
+/** The batch job of one running Slurm kernel. */
+export interface ISlurmJob {
+  kernel_id: string;
+  job_id: string;
+  state: string;
+  reason: string;
+  node: string;
+  /** "Pending: Resources", "Running on n1" */
+  description: string;
 }
 
 /** A stage under way (from the panel, a notebook start or a job prologue), or the panel's failed one. */
@@ -49,7 +62,13 @@ export interface IEnvironmentList {
 
 /** `GET /kernelprov/staging?name=...`: the fast poll's answer. */
 export interface IStagingStates {
-  envs: { [name: string]: { staging: IStaging | null; staged: boolean } };
+  envs: {
+    [name: string]: {
+      staging: IStaging | null;
+      staged: boolean;
+      slurm_jobs?: ISlurmJob[] | null;
+    };
+  };
 }
 
 /**

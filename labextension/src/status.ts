@@ -14,7 +14,7 @@ export const STAGING_SCHEMA = 'https://events.kernelprov.org/staging';
 
 /** One staging event, as kernelprov emits it (kernelprov/jupyter/event_schemas/staging/v1.yaml). */
 export interface IStagingEvent {
-  action: 'started' | 'progress' | 'finished' | 'failed';
+  action: 'started' | 'progress' | 'finished' | 'failed' | 'queued';
   archive: string;
   /** set for a kernel start; absent for the panel's Stage now */
   kernel_id?: string;
@@ -79,6 +79,9 @@ export class StagingStatus extends Widget {
     const trans = this._trans;
     const texts = [...this._starts.values()].map(event => {
       const who = event.display_name ?? event.kernel_name ?? '';
+      if (event.action === 'queued') {
+        return trans.__('%1: %2', who, event.message ?? '');
+      }
       const parts: string[] = [];
       if (event.fraction !== null && event.fraction !== undefined) {
         parts.push(trans.__('%1 %', Math.floor(event.fraction * 100)));

@@ -46,6 +46,7 @@ from jupyter_core.paths import jupyter_runtime_dir
 from traitlets import Float, List, Unicode, default
 
 from ...errors import KernelprovError
+from ..events import emit_staging, event_logger_of
 from ..provisioner import KernelStartError
 from . import jobs
 
@@ -55,6 +56,21 @@ _PORTS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 
 #: The Slurm kernels of this server process, by kernel id (for :func:`slurm_job_state` and exit).
 _RUNNING: dict[str, "KernelprovSlurmProvisioner"] = {}
+
+
+def slurm_jobs_of(resource_dir: str | os.PathLike) -> list[dict]:
+    """The Slurm jobs of this server's running kernels of the kernelspec in ``resource_dir``,
+    each as :func:`slurm_job_state` describes it plus its ``kernel_id``; called by the panel's
+    listing (:mod:`kernelprov.jupyter.environments`), from any thread (it only reads)."""
+    wanted = os.path.realpath(resource_dir)
+    found = []
+    for kernel_id, provisioner in list(_RUNNING.items()):
+        spec_dir = getattr(provisioner.kernel_spec, "resource_dir", None)
+        if spec_dir and os.path.realpath(spec_dir) == wanted:
+            state = slurm_job_state(kernel_id)
+            if state is not None:
+                found.append({"kernel_id": kernel_id, **state})
+    return found
 
 
 def slurm_job_state(kernel_id: str) -> dict | None:
@@ -265,15 +281,24 @@ class KernelprovSlurmProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self._stopping = False
         _RUNNING[self.kernel_id] = self
         self.log.info("kernelprov: kernel %s submitted as Slurm job %s (%s)", self.kernel_id, self.job_id, " ".join(options))
+        began = time.monotonic()
         try:
             self.connection_info = await self._wait_for_kernel(connection_file)
-        except BaseException:
+        except BaseException as err:
             # A start that failed gets no cleanup() from the kernel manager: no job, no dir left.
             if self.last_state is None or self.last_state.active:
                 await self._cancel()
             self._forget()
+            self._announce("failed", seconds=time.monotonic() - began, message=str(err))
             raise
+        self._announce("finished", seconds=time.monotonic() - began)
         return self.connection_info
+
+    def _announce(self, action: str, **fields: Any) -> None:
+        """One event of this kernel's start on the server's bus (queued, finished, failed)."""
+        emit_staging(event_logger_of(self.parent), action, archive=self.archive, kernel_id=self.kernel_id,
+                     kernel_name=os.path.basename(self.kernel_spec.resource_dir or "") or None,
+                     display_name=self.kernel_spec.display_name, **fields)
 
     async def _wait_for_kernel(self, connection_file: str) -> KernelConnectionInfo:
         loop = asyncio.get_running_loop()
@@ -286,6 +311,8 @@ class KernelprovSlurmProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             if state.describe() != shown:
                 shown = state.describe()
                 self.log.info("kernelprov: kernel %s, Slurm job %s: %s", self.kernel_id, self.job_id, shown)
+                # On the event bus too: JupyterLab's status bar says "Pending: Resources", not a spinner.
+                self._announce("queued", message=f"{shown} (job {self.job_id})")
             if state.state == "RUNNING":
                 info = await loop.run_in_executor(_SLURM_THREADS, _read_ports, connection_file)
                 if info is not None:
