@@ -15,12 +15,11 @@ from pathlib import Path
 from traitlets import Float, Int, List, TraitError, Unicode, default, validate
 from traitlets.config import Config, LoggingConfigurable
 
-from .engine.cache import CACHE_ROOT_VARIABLES, default_cache_root
-from .errors import ConfigError
-from .engine.stage import DEFAULT_LOCK_TIMEOUT
-
-#: Jupyter config files read by the CLI too, so one site-wide file configures every entry point.
-SITE_CONFIG_FILES = ("jupyter_config", "jupyter_server_config")
+from . import envvars
+from .engine.cache import CACHE_ROOT_VARIABLES
+# Defaults are read from the environment by plain functions, which the CLI's warm path also
+# calls without traitlets; names kept here, where callers found them.
+from .envvars import SITE_CONFIG_FILES  # noqa: F401
 
 
 class KernelprovConfig(LoggingConfigurable):
@@ -43,12 +42,7 @@ class KernelprovConfig(LoggingConfigurable):
 
     @default("cache_dir")
     def _cache_dir_default(self) -> str:
-        root = str(default_cache_root(variables=self.cache_dir_variables))
-        if not os.path.isabs(os.path.expanduser(root)):
-            variable = next((name for name in self.cache_dir_variables if os.environ.get(name, "").strip()), "cache_dir")
-            raise ConfigError(f"{variable}={root!r} is not an absolute path; set it to a node-local "
-                              "directory such as /tmp or unset it.")
-        return root
+        return envvars.cache_dir(self.cache_dir_variables)
 
     @validate("cache_dir")
     def _validate_cache_dir(self, proposal) -> str:
@@ -65,13 +59,7 @@ class KernelprovConfig(LoggingConfigurable):
 
     @default("lock_timeout")
     def _lock_timeout_default(self) -> float:
-        value = _from_environment("KERNELPROV_LOCK_TIMEOUT", float, "a positive number of seconds")
-        if value is None:
-            return DEFAULT_LOCK_TIMEOUT
-        if not value > 0 or value == float("inf"):
-            raise ConfigError(f"KERNELPROV_LOCK_TIMEOUT={value!r} must be a positive number of seconds; "
-                              "fix it or unset it (default 1800).")
-        return value
+        return envvars.lock_timeout()
 
     @validate("lock_timeout")
     def _validate_lock_timeout(self, proposal) -> float:
@@ -90,14 +78,7 @@ class KernelprovConfig(LoggingConfigurable):
 
     @default("cache_max_bytes")
     def _cache_max_bytes_default(self) -> int:
-        value = _from_environment("KERNELPROV_CACHE_MAX_BYTES", lambda text: int(float(text)),
-                                  "a number of bytes (0: no budget)")
-        if value is None:
-            return 0
-        if value < 0:
-            raise ConfigError(f"KERNELPROV_CACHE_MAX_BYTES={value} must be 0 (no budget) or a positive "
-                              "number of bytes; fix it or unset it.")
-        return value
+        return envvars.cache_max_bytes()
 
     @validate("cache_max_bytes")
     def _validate_cache_max_bytes(self, proposal) -> int:
@@ -114,11 +95,7 @@ class KernelprovConfig(LoggingConfigurable):
 
     @default("max_unpacked_bytes")
     def _max_unpacked_bytes_default(self) -> int:
-        value = _from_environment("KERNELPROV_MAX_UNPACKED_BYTES", lambda text: int(float(text)),
-                                  "a number of bytes (0: automatic)")
-        if value is not None and value < 0:
-            raise ConfigError(f"KERNELPROV_MAX_UNPACKED_BYTES={value} must be 0 (automatic) or a positive number of bytes; fix it or unset it.")
-        return value or 0
+        return envvars.max_unpacked_bytes()
 
     @validate("max_unpacked_bytes")
     def _validate_max_unpacked_bytes(self, proposal) -> int:
@@ -137,7 +114,7 @@ class KernelprovConfig(LoggingConfigurable):
 
     @default("allowed_archive_roots")
     def _allowed_archive_roots_default(self) -> list[str]:
-        return _environment_roots()
+        return envvars.allowed_archive_roots()
 
     def site_allowed_roots(self) -> list[str]:
         """The site's allowed archive roots: from the Jupyter config files this object was given
@@ -149,7 +126,7 @@ class KernelprovConfig(LoggingConfigurable):
             section = self.config.get(cls.__name__) if cls.__name__ in self.config else None
             if section is not None and "allowed_archive_roots" in section:
                 return list(section["allowed_archive_roots"])
-        return _environment_roots()
+        return envvars.allowed_archive_roots()
 
     def effective_allowed_roots(self) -> list[str]:
         """The roots staging enforces: the site's, unless this kernel's own list lies wholly
@@ -168,26 +145,6 @@ class KernelprovConfig(LoggingConfigurable):
         """Keyword arguments for :func:`kernelprov.engine.stage.ensure_staged` from these settings."""
         return {"cache_root": self.cache_dir, "lock_timeout": self.lock_timeout, "max_bytes": self.cache_max_bytes,
                 "allowed_roots": self.effective_allowed_roots(), "max_unpacked_bytes": self.max_unpacked_bytes}
-
-
-def _from_environment(variable: str, parse, expected: str):
-    """The parsed value of ``variable``, None when unset; a :class:`ConfigError` naming the variable
-    when it does not parse. Called by the trait defaults, which traitlets does not validate."""
-    text = os.environ.get(variable, "").strip()
-    if not text:
-        return None
-    try:
-        return parse(text)
-    except (ValueError, OverflowError):
-        raise ConfigError(f"{variable}={text!r} is not {expected}; fix it or unset it.") from None
-
-
-def _environment_roots() -> list[str]:
-    roots = [p for p in os.environ.get("KERNELPROV_ALLOWED_ARCHIVE_ROOTS", "").split(os.pathsep) if p]
-    for root in roots:
-        if not os.path.isabs(root):
-            raise ConfigError(f"KERNELPROV_ALLOWED_ARCHIVE_ROOTS names {root!r}, which is not an absolute path; fix it.")
-    return roots
 
 
 def _within(path: str, root: str) -> bool:

@@ -29,7 +29,9 @@ class ArchiveFormat:
 
 #: Every format, in the order the CLI offers them (the default first).
 FORMATS: tuple[ArchiveFormat, ...] = (
-    ArchiveFormat("tar.zst", (".tar.zst", ".tzst"), (b"\x28\xb5\x2f\xfd",)),
+    # A zstd frame, or the skippable frame (pzstd's) that kernelprov's multi-frame writer puts
+    # before each frame to hold its size (engine.pack.MultiFrameZstdWriter).
+    ArchiveFormat("tar.zst", (".tar.zst", ".tzst"), (b"\x28\xb5\x2f\xfd", b"\x50\x2a\x4d\x18")),
     ArchiveFormat("tar.gz", (".tar.gz", ".tgz"), (b"\x1f\x8b",)),
     ArchiveFormat("tar.bz2", (".tar.bz2", ".tbz2"), (b"BZh",)),
     ArchiveFormat("tar.xz", (".tar.xz", ".txz"), (b"\xfd7zXZ\x00",)),

@@ -3,20 +3,27 @@
 Called by ``kernelprov pack`` and ``kernelprov install``. The archive is written under a temporary
 name beside its destination and renamed into place only when complete, so a half-written archive
 never sits where a kernel would read it; its manifest (sha256, size, python version, conda and
-pip package counts) is written next to it for the stage engine to verify against. For an archive
+pip package counts) is written next to it for the stage engine to verify against. ``.tar.zst`` is written by conda-pack's own packer (what goes
+in, what is rewritten, ``conda-unpack``) into kernelprov's compressor: multi-threaded zstd in
+independent frames (:class:`MultiFrameZstdWriter`), where conda-pack writes one frame at level 9 on
+one thread. For an archive
 made elsewhere (``install --archive``), the python version and package counts are read from the
 ``conda-meta/`` records inside it, streamed once and never extracted.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
+import io
 import json
 import logging
 import os
 import re
+import struct
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 from typing import Iterable
@@ -33,6 +40,16 @@ log = logging.getLogger(__name__)
 
 #: What ``kernelprov pack`` writes: every format of the table, all of which conda-pack can write.
 PACK_FORMATS = FORMAT_NAMES
+#: zstd level of ``.tar.zst``, chosen by measurement (benchmarks/pack_speed.py, issue 13): on the
+#: 23k-file bench env, in 8 MiB frames on 2 threads, level 3 packs 0.87x the size of conda-pack's
+#: default tar.gz; level 4 saves 1.5 % more for ~30 % more CPU, level 5 4 % more for 2x.
+ZSTD_LEVEL = 3
+#: Uncompressed bytes per independent zstd frame: large enough to cost <1 % of ratio against one
+#: frame, small enough that every core has frames to decompress (or compress) at once.
+ZSTD_FRAME_BYTES = 8 << 20
+#: pzstd's skippable frame before each frame, holding that frame's compressed size, so a reader
+#: can find every frame without decompressing (``pzstd -d -p N``); every zstd reader skips it.
+_SKIPPABLE_MAGIC = 0x184D2A50
 
 
 def pack_env(
@@ -79,7 +96,10 @@ def pack_env(
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
     os.close(fd)
     try:
-        env.pack(output=tmp, format=fmt, force=True, verbose=verbose, dest_prefix=dest_prefix)
+        if fmt == "tar.zst":
+            _pack_tar_zst(env, Path(tmp), verbose)
+        else:
+            env.pack(output=tmp, format=fmt, force=True, verbose=verbose, dest_prefix=dest_prefix)
         os.chmod(tmp, 0o644)
         manifest = manifest_for(
             Path(tmp),
@@ -98,6 +118,100 @@ def pack_env(
     write_manifest(output, manifest)
     log.info("packed %s into %s (%s bytes)", env.prefix, output, manifest.size)
     return manifest
+
+
+def _pack_tar_zst(env, path: Path, verbose: bool) -> None:
+    """Write ``env`` as ``.tar.zst`` at ``path``: conda-pack's ``CondaEnv.pack`` for format
+    ``tar`` — its packer decides every member and rewrite and adds ``conda-unpack`` — with the
+    tar stream going into a :class:`MultiFrameZstdWriter` instead of conda-pack's one-thread,
+    one-frame level-9 writer (and straight to ``path``, not through a temporary file in /tmp)."""
+    from conda_pack._progress import progressbar
+    from conda_pack.core import Packer
+    from conda_pack.formats import archive
+
+    history = Path(env.prefix) / "conda-meta" / "history"
+    mtime = history.lstat().st_mtime if history.exists() else None  # as CondaEnv.pack sets it
+    with open(path, "wb") as out, MultiFrameZstdWriter(out) as frames:
+        with archive(frames, str(path), "", "tar", mtime=mtime) as tar:
+            packer = Packer(env.prefix, tar, None, None)
+            with progressbar(env.files, enabled=verbose) as files:
+                for file in files:
+                    packer.add(file)
+            packer.finish()
+
+
+class MultiFrameZstdWriter(io.RawIOBase):
+    """A write-only file that zstd-compresses what it is given as independent frames, in parallel.
+
+    Every :data:`ZSTD_FRAME_BYTES` of input become one frame (with its content size and a
+    checksum), compressed in a pool of ``threads`` (default: the CPUs this process may use;
+    zstandard releases the GIL) and written in order, each behind pzstd's skippable frame that
+    holds its compressed size. Any zstd reader reads the result as one stream (kernelprov's
+    extractor, ``zstd -d``, conda-pack's ``tarfile`` + zstandard); ``pzstd -d`` and a frame-aware
+    reader decompress frames on several cores. At most ``2 * threads`` frames are in flight, so
+    memory stays bounded (about ``4 * threads * frame_bytes``) whatever the archive's size.
+    """
+
+    def __init__(self, out, *, level: int = ZSTD_LEVEL, frame_bytes: int = ZSTD_FRAME_BYTES, threads: int | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        import zstandard
+
+        self._out = out
+        self._level = level
+        self._frame_bytes = frame_bytes
+        self._threads = threads or len(os.sched_getaffinity(0))
+        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="kernelprov-zstd")
+        self._pending: collections.deque = collections.deque()
+        self._buffer = bytearray()
+        self._local = threading.local()
+        self._zstandard = zstandard
+        self.written = 0  # uncompressed bytes taken
+        self.frames = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        """Uncompressed bytes written so far (``tarfile`` asks at its start)."""
+        return self.written
+
+    def write(self, data) -> int:
+        size = len(data)
+        self._buffer += data
+        self.written += size
+        while len(self._buffer) >= self._frame_bytes:
+            self._submit(bytes(self._buffer[:self._frame_bytes]))
+            del self._buffer[:self._frame_bytes]
+        return size
+
+    def _compress(self, chunk: bytes) -> bytes:
+        compressor = getattr(self._local, "compressor", None)
+        if compressor is None:  # one per worker thread: a ZstdCompressor is not thread-safe
+            compressor = self._local.compressor = self._zstandard.ZstdCompressor(
+                level=self._level, write_checksum=True, write_content_size=True)
+        frame = compressor.compress(chunk)
+        return struct.pack("<III", _SKIPPABLE_MAGIC, 4, len(frame)) + frame
+
+    def _submit(self, chunk: bytes) -> None:
+        self._pending.append(self._pool.submit(self._compress, chunk))
+        self.frames += 1
+        while len(self._pending) > 2 * self._threads:
+            self._out.write(self._pending.popleft().result())
+
+    def close(self) -> None:
+        """Compress what is left and write every frame; the underlying file stays open."""
+        if self.closed:
+            return
+        try:
+            if self._buffer or not self.frames:
+                self._submit(bytes(self._buffer))  # an empty input is still one (empty) frame
+                self._buffer.clear()
+            while self._pending:
+                self._out.write(self._pending.popleft().result())
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            super().close()
 
 
 def describe_archive(archive: Path) -> Manifest:

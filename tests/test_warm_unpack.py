@@ -1,0 +1,70 @@
+"""The CLI's warm ``unpack`` path (issue 13): argparse and traitlets only when they can matter.
+
+``kernelprov unpack`` reads its own command line without argparse and its settings from the
+environment without traitlets when no Jupyter config file could change them; these tests hold it
+to the same answers as the full path.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kernelprov import envvars
+from kernelprov.cli.app import _fast_unpack_args, _parser
+from kernelprov.config import KernelprovConfig, load_site_config
+
+
+@pytest.mark.parametrize("argv", [
+    ["unpack", "a.tar.zst"],
+    ["unpack", "--quiet", "--lease", "123", "/x/a.tar.zst"],
+    ["--debug", "unpack", "-q", "--lease=7", "a"],
+    ["--cache-dir", "/c", "unpack", "a"],
+    ["unpack", "--cache-dir=/c", "a", "--debug"],
+])
+def test_fast_arguments_are_what_argparse_makes(argv):
+    fast = _fast_unpack_args(argv)
+    assert fast is not None and vars(fast) == vars(_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("argv", [
+    ["unpack"], ["unpack", "-h"], ["unpack", "a", "b"], ["-q", "unpack", "a"], ["unpack", "--qui", "a"],
+    ["unpack", "--lease", "x", "a"], ["unpack", "--quiet", "--quiet", "a"], ["list"], ["install", "unpack"],
+])
+def test_anything_else_goes_to_argparse(argv):
+    assert _fast_unpack_args(argv) is None
+
+
+def test_environment_options_are_the_configs(monkeypatch, tmp_path):
+    monkeypatch.setenv("KERNELPROV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("KERNELPROV_LOCK_TIMEOUT", "12.5")
+    monkeypatch.setenv("KERNELPROV_CACHE_MAX_BYTES", "1e9")
+    monkeypatch.setenv("KERNELPROV_MAX_UNPACKED_BYTES", "4096")
+    monkeypatch.setenv("KERNELPROV_ALLOWED_ARCHIVE_ROOTS", "/apps:/blue")
+    assert envvars.stage_options() == KernelprovConfig().stage_options()
+    assert envvars.stage_options("/other")["cache_root"] == "/other"
+
+
+def test_a_config_file_that_names_kernelprov_is_loaded(jp_environ, jp_env_config_path):
+    jp_env_config_path.mkdir(parents=True, exist_ok=True)
+    (jp_env_config_path / "jupyter_server_config.py").write_text("c.ServerApp.open_browser = False\n")
+    assert not envvars.site_config_may_configure()
+    (jp_env_config_path / "jupyter_config.json").write_text(json.dumps({"KernelprovConfig": {"cache_max_bytes": 1}}))
+    assert envvars.site_config_may_configure()
+    assert KernelprovConfig(config=load_site_config()).cache_max_bytes == 1
+
+
+def test_warm_unpack_imports_no_traitlets_and_answers_the_same(cli, tiny_archives, cache_root, jp_environ):
+    status, out, _ = cli("unpack", "--quiet", str(tiny_archives["tar.zst"]))
+    assert status == 0
+    probe = ("import sys; from kernelprov.cli.app import main; code = main(sys.argv[1:]); "
+             "assert 'traitlets' not in sys.modules and 'argparse' not in sys.modules, sorted(sys.modules); "
+             "sys.exit(code)")
+    again = subprocess.run([sys.executable, "-c", probe, "unpack", "--quiet", str(tiny_archives["tar.zst"])],
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert Path(again.stdout.strip()) == Path(out.strip())
