@@ -394,6 +394,46 @@ def _remove_image_link(link: Path, target: Path) -> None:
 #: A stage rewrites its ``<key>.progress`` at most this often (the read-ahead thread reports more).
 PROGRESS_INTERVAL_SECONDS = 0.5
 #: A progress record is four numbers: anything longer was not written by kernelprov.
+def write_record(user_dir: PrivateDir, name: str, record: dict) -> None:
+    """Replace the small JSON file ``name`` in the user's dir atomically, through its fd (a
+    ``.tmp`` beside it, renamed over). Used for the progress and failure records; raises OSError."""
+    tmp = f"{name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=user_dir.fd)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, name, src_dir_fd=user_dir.fd, dst_dir_fd=user_dir.fd)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=user_dir.fd)
+        raise
+
+
+def read_record(user_dir: PrivateDir, name: str, limit: int) -> dict | None:
+    """The JSON object in ``name`` in the user's dir, read without trusting it: through the dir's
+    fd, never following a link, only a regular file of at most ``limit`` bytes; None otherwise.
+    The caller checks the fields' types."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=user_dir.fd)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = os.read(fd, limit + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        return None
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 _MAX_PROGRESS_BYTES = 4096
 
 
@@ -451,12 +491,8 @@ class ProgressFile:
         return both
 
     def _write(self, record: dict) -> None:
-        tmp = f"{progress_name(self.key)}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.user_dir.fd)
-            with os.fdopen(fd, "w") as f:
-                json.dump(record, f)
-            os.replace(tmp, progress_name(self.key), src_dir_fd=self.user_dir.fd, dst_dir_fd=self.user_dir.fd)
+            write_record(self.user_dir, progress_name(self.key), record)
         except OSError as err:
             log.debug("could not record the progress of %s: %s", self.key, err)
 
@@ -476,25 +512,8 @@ def read_progress(user_dir: PrivateDir, key: str) -> dict | None:
     file, at most a few kB, and every field type-checked. Says nothing about whether the stage is
     still alive; :func:`.inventory.staging_progress` checks the lock for that.
     """
-    try:
-        fd = os.open(progress_name(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=user_dir.fd)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        data = os.read(fd, _MAX_PROGRESS_BYTES + 1)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    if len(data) > _MAX_PROGRESS_BYTES:
-        return None
-    try:
-        record = json.loads(data)
-    except ValueError:
-        return None
-    if not isinstance(record, dict):
+    record = read_record(user_dir, progress_name(key), _MAX_PROGRESS_BYTES)
+    if record is None:
         return None
     done, total, started_at, pid = (record.get(name) for name in ("done", "total", "started_at", "pid"))
     counts_ok = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (done, total))

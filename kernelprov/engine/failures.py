@@ -13,7 +13,6 @@ is bounded and type-checked on read, because the file lives on a node others sha
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -36,20 +35,11 @@ def _name(key: str) -> str:
 def record_failure(user_dir: PrivateDir, key: str, message: str) -> None:
     """Remember that staging ``key`` failed with ``message`` (called by ``ensure_staged``).
 
-    Written atomically through the user dir's fd; a disk too full to hold it loses only the hint.
-    """
-    data = json.dumps({"message": message[:_MAX_MESSAGE_CHARS], "at": time.time()})
-    tmp = f"{_name(key)}.tmp"
+    A disk too full to hold it loses only the hint."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=user_dir.fd)
-        with os.fdopen(fd, "w") as f:
-            f.write(data)
-        os.replace(tmp, _name(key), src_dir_fd=user_dir.fd, dst_dir_fd=user_dir.fd)
+        cache.write_record(user_dir, _name(key), {"message": message[:_MAX_MESSAGE_CHARS], "at": time.time()})
     except OSError as err:
         log.debug("could not remember the failure of %s: %s", key, err)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=user_dir.fd)
 
 
 def clear_failure(user_dir: PrivateDir, key: str) -> None:
@@ -60,23 +50,8 @@ def clear_failure(user_dir: PrivateDir, key: str) -> None:
 
 def read_failure(user_dir: PrivateDir, key: str) -> dict | None:
     """The remembered failure of ``key`` as ``{"message": str, "at": float}``, or None."""
-    try:
-        fd = os.open(_name(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=user_dir.fd)
-    except OSError:
-        return None
-    try:
-        raw = os.read(fd, _MAX_RECORD_BYTES + 1)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    if len(raw) > _MAX_RECORD_BYTES:
-        return None
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("message"), str) \
+    data = cache.read_record(user_dir, _name(key), _MAX_RECORD_BYTES)
+    if data is None or not isinstance(data.get("message"), str) \
             or not isinstance(data.get("at"), (int, float)) or isinstance(data.get("at"), bool):
         return None
     return {"message": data["message"][:_MAX_MESSAGE_CHARS], "at": float(data["at"])}

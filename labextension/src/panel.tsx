@@ -13,9 +13,9 @@ import { EnvironmentsModel } from './model';
 import { IEnvironment } from './request';
 import {
   formatBytes,
-  formatDuration,
   packageCount,
   problemText,
+  progressParts,
   remainingSeconds,
   State,
   stateOf,
@@ -34,8 +34,6 @@ export interface IEnvironmentActions {
   /** How many kernels of this server run `env` (they can be shut down from here). */
   runningKernels(env: IEnvironment): number;
 }
-
-export { formatBytes };
 
 function stateLabel(
   env: IEnvironment,
@@ -82,26 +80,13 @@ export function progressText(
   if (!staging) {
     return '';
   }
-  const parts: string[] = [];
-  if (staging.fraction !== null && staging.fraction !== undefined) {
-    parts.push(trans.__('%1 %', Math.floor(staging.fraction * 100)));
-  }
-  if (staging.total) {
-    parts.push(
-      trans.__(
-        '%1 of %2',
-        formatBytes(staging.done),
-        formatBytes(staging.total)
-      )
-    );
-  }
-  if (staging.elapsed !== undefined) {
-    parts.push(trans.__('%1 elapsed', formatDuration(staging.elapsed)));
-  }
-  const left = remainingSeconds(staging.fraction, staging.elapsed);
-  if (left !== null) {
-    parts.push(trans.__('about %1 left', formatDuration(left)));
-  }
+  const parts = progressParts(
+    {
+      ...staging,
+      left: remainingSeconds(staging.fraction, staging.elapsed)
+    },
+    trans
+  );
   return parts.join(' · ') || trans.__('starting to unpack…');
 }
 

@@ -2,6 +2,8 @@
  * What the panel shows, computed from the server's descriptions: pure functions without
  * JupyterLab imports, so the unit tests (jest, `jlpm test`) run them as they are.
  */
+import type { TranslationBundle } from '@jupyterlab/translation';
+
 import { IEnvironment } from './request';
 
 /** One row's state, as its short label and the summary line count it. */
@@ -156,4 +158,40 @@ export function stagingNames(envs: ReadonlyArray<IEnvironment>): string[] {
   return envs
     .filter(env => env.staging && !env.staging.error && !env.staged)
     .map(env => env.name);
+}
+
+/**
+ * The parts of a progress line — "37 %", "70.2 MB of 190 MB", "12 s elapsed", "about 20 s left" —
+ * for the panel's row (from the staging poll) and the status bar (from the event bus).
+ */
+export function progressParts(
+  progress: {
+    fraction?: number | null;
+    done?: number;
+    total?: number;
+    elapsed?: number;
+    left?: number | null;
+  },
+  trans: TranslationBundle
+): string[] {
+  const parts: string[] = [];
+  if (progress.fraction !== null && progress.fraction !== undefined) {
+    parts.push(trans.__('%1 %', Math.floor(progress.fraction * 100)));
+  }
+  if (progress.total) {
+    parts.push(
+      trans.__(
+        '%1 of %2',
+        formatBytes(progress.done ?? 0),
+        formatBytes(progress.total)
+      )
+    );
+  }
+  if (progress.elapsed !== undefined) {
+    parts.push(trans.__('%1 elapsed', formatDuration(progress.elapsed)));
+  }
+  if (progress.left !== null && progress.left !== undefined) {
+    parts.push(trans.__('about %1 left', formatDuration(progress.left)));
+  }
+  return parts;
 }

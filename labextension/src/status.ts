@@ -7,7 +7,7 @@ import { TranslationBundle } from '@jupyterlab/translation';
 import { ISignal, Signal } from '@lumino/signaling';
 import { Widget } from '@lumino/widgets';
 
-import { formatBytes, formatDuration } from './state';
+import { progressParts } from './state';
 
 /** The event schema kernelprov's provisioner emits (kernelprov/jupyter/events/). */
 export const STAGING_SCHEMA = 'https://events.kernelprov.org/staging';
@@ -82,22 +82,16 @@ export class StagingStatus extends Widget {
       if (event.action === 'queued') {
         return trans.__('%1: %2', who, event.message ?? '');
       }
-      const parts: string[] = [];
-      if (event.fraction !== null && event.fraction !== undefined) {
-        parts.push(trans.__('%1 %', Math.floor(event.fraction * 100)));
-      }
-      if (event.total) {
-        parts.push(
-          trans.__(
-            '%1 of %2',
-            formatBytes(event.done ?? 0),
-            formatBytes(event.total)
-          )
-        );
-      }
-      if (event.eta !== null && event.eta !== undefined) {
-        parts.push(trans.__('about %1 left', formatDuration(event.eta)));
-      }
+      // The elapsed time is the status bar's own business: only what is left is shown.
+      const parts = progressParts(
+        {
+          fraction: event.fraction,
+          done: event.done,
+          total: event.total,
+          left: event.eta
+        },
+        trans
+      );
       return parts.length
         ? trans.__('Unpacking %1: %2', who, parts.join(' · '))
         : trans.__('Unpacking %1…', who);
