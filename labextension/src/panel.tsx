@@ -395,13 +395,12 @@ function Summary(props: {
   return (
     <p className="jp-kernelprov-summary" role="status">
       {counts.map(([state, count], i) => (
-        <span
-          key={state}
-          className={`jp-kernelprov-count jp-kernelprov-mod-${state}`}
-        >
+        <React.Fragment key={state}>
           {i > 0 && ' · '}
-          {`${count} ${names[state]}`}
-        </span>
+          <span className={`jp-kernelprov-count jp-kernelprov-mod-${state}`}>
+            {`${count} ${names[state]}`}
+          </span>
+        </React.Fragment>
       ))}
     </p>
   );
