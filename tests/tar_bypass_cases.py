@@ -127,6 +127,15 @@ def _tool_mode_kept(tree: Path) -> str:
     return "" if mode == 0o644 else f"bin/tool became {oct(mode)}"
 
 
+def _signed_size(member: bytes, size: int) -> bytes:
+    """``member``'s first header with ``size`` written as signed octal (checksum fixed up), and no data."""
+    block = bytearray(member[:BLOCK])
+    block[124:136] = b"-%010o\0" % -size
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
 def _nested(outside: str) -> bytes:
     """An archive hidden inside a member's data: what a reader that mis-sizes the member sees."""
     return tar(file(f"{outside}/smuggled"), file("bin/python", b"#!/bin/sh\necho smuggled\n", 0o755))[:-2 * BLOCK]
@@ -204,6 +213,12 @@ CASES = [
          "A negative pax size, which would move a naive reader backwards over its own headers.",
          lambda o: tar(pax({"size": "-512"}), header("lib/a", b"0", 0)),
          "has an invalid pax size"),
+    Case("octal-negative-size-loops",
+         "A pax header whose octal size field says -1536: Python's int(..., 8) takes the sign, and a "
+         "reader that advances by it lands back on the member before and loops for ever (kernelprov "
+         "before this check: a 3 kB archive held a stage, its lock and a core until killed).",
+         lambda o: tar(file("lib/a"), _signed_size(pax({"mtime": "1"}), -1536), file("lib/b")),
+         "holds a signed number"),
     Case("pax-header-memory-bomb",
          "A pax header declaring 1 GiB: refused before a byte of it is buffered.",
          lambda o: header("././@PaxHeader", b"x", 1 << 30) + b"\0" * 4096,

@@ -69,6 +69,10 @@ def normalise_member_name(name: str, archive: Path) -> str:
     Called for every member before anything is written, and by relocate.py for the paths named
     in the prefix records (which come from the archive too and are just as untrusted).
     """
+    if (len(name) <= _NAME_MAX and name.isascii() and "/." not in name and "//" not in name and "\\" not in name
+            and "\x00" not in name and not name.startswith(("/", ".")) and not name.endswith("/")):
+        # Already normal, and no part can be too long: most members, checked in ~1 µs instead of ~10.
+        return name
     if "\x00" in name or name.startswith("/") or name.startswith("\\"):
         raise ArchiveError(f"Refusing {archive}: member {shown(name)} has an absolute or invalid path.")
     parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
