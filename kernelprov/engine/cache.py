@@ -1,17 +1,19 @@
 """The per-user cache on node-local disk: where it is, who owns it, and what it holds.
 
-Called by :mod:`kernelprov.stage` to find a safe place to unpack, and by ``kernelprov cache`` to
-list and clean it. Layout under the cache root (``$KERNELPROV_CACHE_DIR``, ``$SLURM_TMPDIR``,
+Called by :func:`.stage.ensure_staged` at every start (open the user's dir, find the marker, touch
+it), by :mod:`.unpack` and :mod:`.image_stage` to publish, by :mod:`.space` and
+:mod:`.inventory` to evict, and through them by ``kernelprov cache`` and the panel. Layout under the cache root (``$KERNELPROV_CACHE_DIR``, ``$SLURM_TMPDIR``,
 ``$TMPDIR`` or ``/tmp``)::
 
     kernelprov-<user>/            0700, owned by the user, never a symlink (or a private fallback,
                                   kernelprov-<user>.<random>, when another user squatted the name)
         <key>/                    a staged env (its prefix), or an image's mount point
         <key>.json                the marker: written last, only a marked env is ever reused
-        <key>.lock                serialises staging and eviction of one env across processes
-        <key>.leases/<pid>        one per running kernel, flock'ed by it: the env is in use
+        <key>.lock                serialises staging and eviction of one env (:mod:`.locks`)
+        <key>.leases/<pid>        one per running kernel, flock'ed by it: in use (:mod:`.leases`)
         <key>.squashfs            image mode only: the image copy mounted at <key>/
-        <key>.progress            while <key> is being staged: bytes done of total (ProgressFile)
+        <key>.progress            while <key> is being staged: bytes done of total (:mod:`.records`)
+        <key>.failed              the last failed stage of that version, for the panel (:mod:`.failures`)
         .staging-<key>-<random>/  extraction in progress (removed on failure or by the next start)
 
 A tree's key is a hash of its archive's path, size and mtime; an image's, of its baked mount
@@ -20,46 +22,36 @@ binary files can only be relocated to a prefix no longer than the original env's
 
 The directory is verified and held open (:class:`.securedir.PrivateDir`); everything that changes
 it — staging dirs, publishing, markers, locks, eviction — works relative to that descriptor.
+
+A warm start imports this module, so it imports only what the warm start uses; what eviction
+alone needs (:mod:`shutil`, :mod:`.image`'s mount checks) is imported where it is used.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import secrets
-import shutil
 import stat
-import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 from ..errors import CacheError
-from .formats import strip_suffix
-from .image import detach_mount, is_mounted
-# Leases are their own module; these names stay reachable here, where callers always found them.
+# Leases, locks and records are their own modules; the names callers (inventory, the tests)
+# always found here stay reachable here.
 from .leases import LEASE_GRACE_SECONDS, count_leases, lease_dir, prune_leases  # noqa: F401
-from .securedir import PrivateDir, open_private_dir, private_dir_in, user_name
+from .locks import KeyLock, LockTimeout, key_lock  # noqa: F401
+from .records import progress_name, read_progress  # noqa: F401
+from .securedir import PrivateDir, as_private, open_private_dir, private_dir_in, user_name  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 CACHE_ROOT_VARIABLES = ("KERNELPROV_CACHE_DIR", "SLURM_TMPDIR", "TMPDIR")
 MARKER_VERSION = 1
 _KEY_LENGTH = 12
-#: How often a waiting start retries a held lock.
-_LOCK_POLL_SECONDS = 0.05
-#: errnos of a filesystem that has no working file locks (NFS without lockd, some FUSE mounts).
-_NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
-
-
-class LockTimeout(Exception):
-    """Raised by :class:`KeyLock` when the lock stayed held by another process for ``timeout`` s."""
 
 
 def default_cache_root(environ: Mapping[str, str] | None = None, variables: Sequence[str] = CACHE_ROOT_VARIABLES) -> Path:
@@ -93,11 +85,6 @@ def user_cache_dir(root: Path) -> PrivateDir:
         raise CacheError(f"Cannot create a kernelprov cache in {root}: {err.strerror}; set KERNELPROV_CACHE_DIR to a writable local directory.") from err
 
 
-def as_private(user_dir: PrivateDir | Path) -> PrivateDir:
-    """``user_dir`` held open: a :class:`PrivateDir` as is, a path opened and verified first."""
-    return user_dir if isinstance(user_dir, PrivateDir) else open_private_dir(user_dir)
-
-
 def unmarked_keys(user_dir: Path) -> set[str]:
     """Keys whose env dir or image copy is still in ``user_dir`` but whose marker is gone.
 
@@ -123,26 +110,44 @@ def short_hash(identity: str) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()[:_KEY_LENGTH]
 
 
-@dataclass
 class CacheEntry:
-    """One staged env as recorded by its marker; returned by :func:`read_marker` and :func:`entries`."""
+    """One staged env as recorded by its marker; returned by :func:`read_marker` and :func:`entries`.
 
-    key: str
-    prefix: Path
-    archive: str
-    archive_size: int
-    archive_mtime_ns: int
-    env_bytes: int
-    members: int
-    staged_at: float
-    last_used: float
-    in_use: int = 0  # running kernels holding a lease; filled in by entries() and count_leases()
-    mode: str = "extracted"  # or "mounted": a squashfs image under squashfuse
-    image_sha256: str | None = None  # image mode: which image the baked mount point serves
+    A plain class rather than a dataclass: every warm start makes one, and importing
+    :mod:`dataclasses` (and building the class) cost it more than everything else it does. It
+    compares and prints like the dataclass it was.
+    """
+
+    __slots__ = ("key", "prefix", "archive", "archive_size", "archive_mtime_ns", "env_bytes", "members", "staged_at",
+                 "last_used", "in_use", "mode", "image_sha256")
+    __hash__ = None  # mutable (in_use is filled in later), so unhashable, as the dataclass was
+
+    def __init__(self, key: str, prefix: Path, archive: str, archive_size: int, archive_mtime_ns: int, env_bytes: int,
+                 members: int, staged_at: float, last_used: float, in_use: int = 0, mode: str = "extracted",
+                 image_sha256: str | None = None):
+        self.key, self.prefix, self.archive = key, prefix, archive
+        self.archive_size, self.archive_mtime_ns = archive_size, archive_mtime_ns
+        self.env_bytes, self.members, self.staged_at, self.last_used = env_bytes, members, staged_at, last_used
+        self.in_use = in_use  # running kernels holding a lease; filled in by entries() and count_leases()
+        self.mode = mode  # or "mounted": a squashfs image under squashfuse
+        self.image_sha256 = image_sha256  # image mode: which image the baked mount point serves
+
+    def _fields(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __repr__(self) -> str:
+        return f"CacheEntry({', '.join(f'{name}={getattr(self, name)!r}' for name in self.__slots__)})"
 
     @property
     def name(self) -> str:
         """A readable name: the archive's file name without its archive suffixes."""
+        from .formats import strip_suffix  # formats builds its table with dataclasses: not on the warm path
+
         return strip_suffix(os.path.basename(self.archive))
 
 
@@ -184,6 +189,8 @@ def read_marker(user_dir: Path, key: str) -> CacheEntry | None:
 
 def make_staging(user_dir: PrivateDir, key: str) -> Path:
     """Create a fresh ``.staging-<key>-<random>`` dir (``0700``) in ``user_dir``; return its path."""
+    import secrets  # a cold stage only
+
     for _attempt in range(8):
         name = f".staging-{key}-{secrets.token_hex(6)}"
         try:
@@ -232,56 +239,6 @@ def entries(user_dir: Path) -> list[CacheEntry]:
             entry.in_use = count_leases(entry.prefix)
             found.append(entry)
     return sorted(found, key=lambda e: e.last_used, reverse=True)
-
-
-class KeyLock:
-    """An exclusive ``flock`` on ``<key>.lock`` in the user's dir, opened through its fd.
-
-    Written by hand rather than with ``filelock``: that library opens its lock file by path, and
-    everything in the user's dir is opened relative to the verified directory descriptor, so that
-    no path swap can redirect it (issue 11, point 6).
-
-    Serialises staging and eviction of one env across processes and threads (each use opens its
-    own descriptor). ``timeout`` 0 tries once. A filesystem without locks is refused in one
-    sentence rather than waited on.
-    """
-
-    def __init__(self, user_dir: PrivateDir | Path, key: str, timeout: float):
-        self.user_dir, self.key, self.timeout = as_private(user_dir), key, timeout
-        self._fd = -1
-
-    def __enter__(self) -> KeyLock:
-        fd = os.open(f"{self.key}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.user_dir.fd)
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as err:
-                if err.errno in (errno.EAGAIN, errno.EWOULDBLOCK) and time.monotonic() < deadline:
-                    time.sleep(_LOCK_POLL_SECONDS)
-                    continue
-                os.close(fd)
-                if err.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-                    raise LockTimeout(self.key) from None
-                if err.errno in _NO_LOCKS:
-                    raise CacheError(
-                        f"The kernelprov cache {self.user_dir} is on a filesystem without file locks ({err.strerror}), which "
-                        "kernelprov needs to stage safely; set KERNELPROV_CACHE_DIR to a directory on a local disk."
-                    ) from err
-                raise
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)  # closing the only descriptor releases the flock
-
-
-def key_lock(user_dir: PrivateDir | Path, key: str, timeout: float) -> KeyLock:
-    """The lock that serialises staging and eviction of ``key`` across processes on this node."""
-    return KeyLock(user_dir, key, timeout)
 
 
 def try_evict(user_dir: PrivateDir | Path, key: str, *, min_idle: float = 0.0) -> CacheEntry | None:
@@ -342,6 +299,8 @@ def remove_name(user_dir: PrivateDir, name: str) -> bool:
     the directory's fd, never following a symlink. Returns whether something was there."""
     if not name or "/" in name or name in (".", ".."):
         raise CacheError(f"Refusing to remove {name!r} from {user_dir}: not a plain name.")
+    from .image import detach_mount, is_mounted  # eviction only: image imports subprocess
+
     path = user_dir.path / name
     if is_mounted(path):
         detach_mount(path)
@@ -350,6 +309,8 @@ def remove_name(user_dir: PrivateDir, name: str) -> bool:
     except FileNotFoundError:
         return False
     if stat.S_ISDIR(st.st_mode):
+        import shutil  # eviction only (it imports the compression modules)
+
         shutil.rmtree(name, dir_fd=user_dir.fd, onerror=lambda *args: log.warning("could not remove %s: %s", args[1], args[2][1]))
     else:
         os.unlink(name, dir_fd=user_dir.fd)
@@ -387,138 +348,3 @@ def _remove_image_link(link: Path, target: Path) -> None:
         except OSError:
             pass
         remove_name(link_dir, f"{link.name}.leases")
-
-
-# --- Progress of a stage, readable by every process of the user ------------------------------
-
-#: A stage rewrites its ``<key>.progress`` at most this often (the read-ahead thread reports more).
-PROGRESS_INTERVAL_SECONDS = 0.5
-#: A progress record is four numbers: anything longer was not written by kernelprov.
-def write_record(user_dir: PrivateDir, name: str, record: dict) -> None:
-    """Replace the small JSON file ``name`` in the user's dir atomically, through its fd (a
-    ``.tmp`` beside it, renamed over). Used for the progress and failure records; raises OSError."""
-    tmp = f"{name}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=user_dir.fd)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f)
-        os.replace(tmp, name, src_dir_fd=user_dir.fd, dst_dir_fd=user_dir.fd)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=user_dir.fd)
-        raise
-
-
-def read_record(user_dir: PrivateDir, name: str, limit: int) -> dict | None:
-    """The JSON object in ``name`` in the user's dir, read without trusting it: through the dir's
-    fd, never following a link, only a regular file of at most ``limit`` bytes; None otherwise.
-    The caller checks the fields' types."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=user_dir.fd)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        data = os.read(fd, limit + 1)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        return None
-    try:
-        record = json.loads(data)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
-
-
-_MAX_PROGRESS_BYTES = 4096
-
-
-def progress_name(key: str) -> str:
-    """The name of ``key``'s progress record in the user's dir."""
-    return f"{key}.progress"
-
-
-class ProgressFile:
-    """``<key>.progress``: how far the stage of ``key`` has come, for every process of this user.
-
-    Opened by :func:`.stage.ensure_staged` with the key's lock held, around the unpack or image
-    copy; :meth:`report` is its progress callback (thread-safe: tar formats call it from the
-    read-ahead thread). The record — ``{"done", "total", "started_at", "pid"}`` — is written
-    atomically through the user dir's fd, at most every :data:`PROGRESS_INTERVAL_SECONDS`, and
-    removed when the stage ends, whether it worked or not. A kill -9 leaves it behind, so readers
-    trust it only while the key's lock is held (:func:`.inventory.staging_progress`). A record
-    that cannot be written (a full disk) only loses the hint.
-    """
-
-    def __init__(self, user_dir: PrivateDir, key: str, total: int):
-        self.user_dir, self.key, self.total = user_dir, key, total
-        self.started_at = time.time()
-        self._guard = threading.Lock()
-        self._written_at = 0.0
-        self._written_done = -1
-        self._closed = False
-
-    def __enter__(self) -> ProgressFile:
-        self.report(0, self.total)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def report(self, done: int, total: int) -> None:
-        """Record that ``done`` of ``total`` archive bytes were read; rate-limited, never raises."""
-        with self._guard:
-            now = time.monotonic()
-            finished_now = done >= total and self._written_done < total
-            if self._closed or (now - self._written_at < PROGRESS_INTERVAL_SECONDS and not finished_now):
-                return
-            self._written_at, self._written_done = now, done
-            self._write({"done": int(done), "total": int(total), "started_at": self.started_at, "pid": os.getpid()})
-
-    def chain(self, progress: Callable[[int, int], None] | None) -> Callable[[int, int], None]:
-        """A callback that records the progress here, then passes it on to ``progress``."""
-        if progress is None:
-            return self.report
-
-        def both(done: int, total: int) -> None:
-            self.report(done, total)
-            progress(done, total)
-
-        return both
-
-    def _write(self, record: dict) -> None:
-        try:
-            write_record(self.user_dir, progress_name(self.key), record)
-        except OSError as err:
-            log.debug("could not record the progress of %s: %s", self.key, err)
-
-    def close(self) -> None:
-        """Remove the record (the stage ended); later reports are ignored."""
-        with self._guard:
-            self._closed = True
-            for name in (progress_name(self.key), f"{progress_name(self.key)}.tmp"):
-                with contextlib.suppress(OSError):
-                    os.unlink(name, dir_fd=self.user_dir.fd)
-
-
-def read_progress(user_dir: PrivateDir, key: str) -> dict | None:
-    """``key``'s progress record as ``{"done", "total", "started_at", "pid"}``, or None.
-
-    Read without trusting the file: through the dir's fd, never following a link, only a regular
-    file, at most a few kB, and every field type-checked. Says nothing about whether the stage is
-    still alive; :func:`.inventory.staging_progress` checks the lock for that.
-    """
-    record = read_record(user_dir, progress_name(key), _MAX_PROGRESS_BYTES)
-    if record is None:
-        return None
-    done, total, started_at, pid = (record.get(name) for name in ("done", "total", "started_at", "pid"))
-    counts_ok = all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (done, total))
-    pid_ok = isinstance(pid, int) and not isinstance(pid, bool) and pid > 0
-    time_ok = isinstance(started_at, (int, float)) and not isinstance(started_at, bool) and started_at > 0
-    if not (counts_ok and pid_ok and time_ok):
-        return None
-    return {"done": min(done, total), "total": total, "started_at": float(started_at), "pid": pid}

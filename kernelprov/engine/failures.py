@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from . import cache
+from .records import read_record, write_record
 from .securedir import PrivateDir
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def record_failure(user_dir: PrivateDir, key: str, message: str) -> None:
 
     A disk too full to hold it loses only the hint."""
     try:
-        cache.write_record(user_dir, _name(key), {"message": message[:_MAX_MESSAGE_CHARS], "at": time.time()})
+        write_record(user_dir, _name(key), {"message": message[:_MAX_MESSAGE_CHARS], "at": time.time()})
     except OSError as err:
         log.debug("could not remember the failure of %s: %s", key, err)
 
@@ -50,7 +51,7 @@ def clear_failure(user_dir: PrivateDir, key: str) -> None:
 
 def read_failure(user_dir: PrivateDir, key: str) -> dict | None:
     """The remembered failure of ``key`` as ``{"message": str, "at": float}``, or None."""
-    data = cache.read_record(user_dir, _name(key), _MAX_RECORD_BYTES)
+    data = read_record(user_dir, _name(key), _MAX_RECORD_BYTES)
     if data is None or not isinstance(data.get("message"), str) \
             or not isinstance(data.get("at"), (int, float)) or isinstance(data.get("at"), bool):
         return None

@@ -21,7 +21,6 @@ import grp
 import logging
 import os
 import pwd
-import secrets
 import stat
 from pathlib import Path
 
@@ -222,6 +221,13 @@ def open_private_dir(path: Path | str, *, what: str = "kernelprov directory") ->
     return PrivateDir(parent_path / path.name, fd)
 
 
+def as_private(user_dir: PrivateDir | Path | str) -> PrivateDir:
+    """``user_dir`` held open: a :class:`PrivateDir` as is, a path opened and verified first
+    (:func:`open_private_dir`). Called by everything in :mod:`.cache` and :mod:`.locks` that
+    changes the user's dir, so callers may pass either."""
+    return user_dir if isinstance(user_dir, PrivateDir) else open_private_dir(user_dir)
+
+
 def private_dir_in(root: Path | str, base: str, *, fallback: bool, what: str = "kernelprov cache root") -> PrivateDir:
     """The private directory ``base`` under the trusted ``root`` (created ``0700``).
 
@@ -245,6 +251,8 @@ def private_dir_in(root: Path | str, base: str, *, fallback: bool, what: str = "
 
 def _fallback(root_path: Path, root_fd: int, base: str) -> PrivateDir:
     """Find this user's fallback dir under the root by ownership, or make one with a random name."""
+    import secrets  # only a squatted cache name gets here; a warm start should not pay for the import
+
     found = _own_fallbacks(root_fd, base)
     if not found:
         for _attempt in range(8):

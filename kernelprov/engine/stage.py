@@ -8,40 +8,64 @@ warm start is that walk, a ``stat`` and a marker read); otherwise take the archi
 clear what a killed stage left, stage (:mod:`.unpack` for tar/zip, :mod:`.image_stage` for
 squashfs), and keep the cache within its budget (:mod:`.space`). Only a marked env is ever
 reused, so a crash or kill at any point leaves nothing a later start would trust.
+
+``run.sh`` pays for this module's imports at every kernel start, so it imports only what a warm
+start runs (the private-dir chain, the marker, the lock, the lease); the stagers, format
+detection, manifests and the budget are imported on the way to a stage, where their cost
+disappears in the unpack's (``tests/test_warm_unpack.py`` keeps it so).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import CacheError, KernelprovError
-from . import cache, failures, space
+from . import cache, failures
 from .archive import check_allowed, stat_archive
-from .extract import ProgressCallback
-from .formats import detect_format, is_image
 from .leases import write_lease
+from .locks import LockTimeout, key_lock
+from .records import ProgressFile
 
 log = logging.getLogger(__name__)
 
 #: How long a start waits for another process that is staging the same archive.
 DEFAULT_LOCK_TIMEOUT = 1800.0
 
+#: ``progress(done, total)``: archive bytes read so far (the same as :data:`.streams.ProgressCallback`,
+#: spelled out so that a warm start need not import the stream machinery).
+ProgressCallback = Callable[[int, int], None]
 
-@dataclass
+
 class StagedEnv:
-    """A published env ready to run kernels: returned by :func:`ensure_staged`."""
+    """A published env ready to run kernels: returned by :func:`ensure_staged`.
 
-    prefix: Path
-    key: str
-    archive: Path
-    extracted: bool  # True when this call unpacked it; False when it reused a staged copy
-    seconds: float
-    #: The lease taken for the caller (``lease=`` of :func:`ensure_staged`), else None
-    lease: Path | None = None
+    A plain class, not a dataclass, for the same reason as :class:`.cache.CacheEntry` (the warm
+    start); it compares and prints like one.
+    """
+
+    __slots__ = ("prefix", "key", "archive", "extracted", "seconds", "lease")
+    __hash__ = None
+
+    def __init__(self, prefix: Path, key: str, archive: Path, extracted: bool, seconds: float, lease: Path | None = None):
+        self.prefix, self.key, self.archive = prefix, key, archive
+        self.extracted = extracted  # True when this call unpacked it; False when it reused a staged copy
+        self.seconds = seconds
+        #: The lease taken for the caller (``lease=`` of :func:`ensure_staged`), else None
+        self.lease = lease
+
+    def _fields(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __repr__(self) -> str:
+        return f"StagedEnv({', '.join(f'{name}={getattr(self, name)!r}' for name in self.__slots__)})"
 
     @property
     def python(self) -> Path:
@@ -97,7 +121,8 @@ def _staged_and_leased(user_dir, archive: Path, st, started: float, progress: Pr
             return staged
         taken = _take_lease(user_dir, staged, lease, lock_timeout)
         if taken is not None:
-            return dataclasses.replace(staged, lease=taken)
+            staged.lease = taken
+            return staged
     raise CacheError("The env was evicted while starting, three times.",
                      f"{archive} was evicted while a kernel was starting from it, three times; try again.")
 
@@ -106,11 +131,11 @@ def _take_lease(user_dir, staged: StagedEnv, name: str, lock_timeout: float) -> 
     """Lease ``staged`` for ``name`` under its key lock, if it is still published (else None:
     an eviction won the race, and the caller stages again)."""
     try:
-        with cache.key_lock(user_dir, staged.key, lock_timeout):
+        with key_lock(user_dir, staged.key, lock_timeout):
             if cache.read_marker(user_dir, staged.key) is None:
                 return None
             return write_lease(staged.prefix, name)
-    except cache.LockTimeout:
+    except LockTimeout:
         raise CacheError("Timed out waiting for the env's lock.",
                          f"Timed out after {lock_timeout:.0f} s waiting for the lock of {staged.prefix}; try again.") from None
 
@@ -122,6 +147,10 @@ def _find_or_stage(user_dir, archive: Path, st, started: float, progress: Progre
     reused = _reuse(user_dir, key, archive, started)
     if reused is not None:
         return reused
+    # Not reusable as a tree: from here on this start stages (or waits for one that does), and
+    # imports what staging needs.
+    from .formats import detect_format, is_image
+
     slot = image_manifest = None
     if is_image(detect_format(archive)):
         from .image_stage import image_slot
@@ -135,7 +164,7 @@ def _find_or_stage(user_dir, archive: Path, st, started: float, progress: Progre
         if reused is not None:
             return reused
     try:
-        with cache.key_lock(user_dir, key, lock_timeout):
+        with key_lock(user_dir, key, lock_timeout):
             # another process may just have staged it
             reused = _reuse(user_dir, key, archive, started, slot=slot, st=st, manifest=image_manifest)
             if reused is not None:
@@ -144,7 +173,7 @@ def _find_or_stage(user_dir, archive: Path, st, started: float, progress: Progre
                 cache.remove_unpublished(user_dir, key)
             # Every process of this user can follow the stage through <key>.progress while we
             # hold the lock (inventory.staging_progress); it goes when the stage ends either way.
-            with cache.ProgressFile(user_dir, key, st.st_size) as published:
+            with ProgressFile(user_dir, key, st.st_size) as published:
                 if slot is not None:
                     from .image_stage import stage_image
 
@@ -153,7 +182,7 @@ def _find_or_stage(user_dir, archive: Path, st, started: float, progress: Progre
                     from .unpack import stage_tree
 
                     prefix = stage_tree(archive, st, user_dir, key, published.chain(progress), max_unpacked_bytes)
-    except cache.LockTimeout:
+    except LockTimeout:
         raise CacheError(
             "Another unpack of this archive took too long.",
             f"Timed out after {lock_timeout:.0f} s waiting for another process to unpack {archive}; try again, or run `kernelprov cache clean`.",
@@ -163,7 +192,9 @@ def _find_or_stage(user_dir, archive: Path, st, started: float, progress: Progre
             slot.link_dir.close()
     seconds = time.monotonic() - started
     if max_bytes:
-        space.enforce_budget(user_dir, max_bytes, keep=key)
+        from .space import enforce_budget
+
+        enforce_budget(user_dir, max_bytes, keep=key)
     log.info("staged %s into %s in %.1f s", archive, prefix, seconds)
     return StagedEnv(prefix, key, archive, True, seconds)
 
