@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kernelprov.cli.app import _parser
+from kernelprov.cli import arguments
 from kernelprov.engine import formats
 from kernelprov.engine.cache import CacheEntry
 from kernelprov.engine.pack import PACK_FORMATS
@@ -27,7 +27,7 @@ def test_names_suffixes_and_magic_agree(fmt, tmp_path):
 
 def test_the_cli_and_pack_offer_the_table():
     choices = {}
-    for action in _parser()._subparsers._group_actions[0].choices.values():
+    for action in arguments.parser()._subparsers._group_actions[0].choices.values():
         for option in action._actions:
             if "--format" in option.option_strings:
                 choices[action.prog] = tuple(option.choices)

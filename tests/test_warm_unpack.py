@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kernelprov import envvars
-from kernelprov.cli.app import _fast_unpack_args, _parser
+from kernelprov.cli import arguments
 from kernelprov.config import KernelprovConfig, load_site_config
 
 
@@ -27,8 +27,8 @@ from kernelprov.config import KernelprovConfig, load_site_config
     ["unpack", "--cache-dir=/c", "a", "--debug"],
 ])
 def test_fast_arguments_are_what_argparse_makes(argv):
-    fast = _fast_unpack_args(argv)
-    assert fast is not None and vars(fast) == vars(_parser().parse_args(argv))
+    fast = arguments.fast_unpack_args(argv)
+    assert fast is not None and vars(fast) == vars(arguments.parser().parse_args(argv))
 
 
 @pytest.mark.parametrize("argv", [
@@ -36,7 +36,7 @@ def test_fast_arguments_are_what_argparse_makes(argv):
     ["unpack", "--lease", "x", "a"], ["unpack", "--quiet", "--quiet", "a"], ["list"], ["install", "unpack"],
 ])
 def test_anything_else_goes_to_argparse(argv):
-    assert _fast_unpack_args(argv) is None
+    assert arguments.fast_unpack_args(argv) is None
 
 
 def test_environment_options_are_the_configs(monkeypatch, tmp_path):

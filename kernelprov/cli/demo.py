@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from ..engine.cache import default_cache_root
+from ..engine.formats import archive_file_name
 
 DEMO_KERNEL = "kernelprov-demo"
 _CELL = "import sys, socket, ipykernel\nprint(f'{socket.gethostname()}: {sys.executable} (ipykernel {ipykernel.__version__})')"
@@ -79,7 +80,7 @@ def run_demo(cache_dir: str | None = None) -> int:
         prefix = cached_conda_env(home / "demo-env", packages=("ipykernel",))
         _say(f"      {prefix} ready in {time.perf_counter() - t:.1f} s")
 
-        archive = scratch / "demo.tar.zst"
+        archive = scratch / archive_file_name("demo")
         _say(f"[2/5] Packing it with conda-pack into {archive} ...")
         t = time.perf_counter()
         pack_env(archive, prefix=prefix)

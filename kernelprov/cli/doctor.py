@@ -1,9 +1,11 @@
 """``kernelprov doctor [NAME]``: check a kernel the way an admin debugging "my kernel does not
 start" would, and say what to fix.
 
-Called by the CLI. Each check returns a :class:`Finding`; nothing here changes anything — not
-even the cache, which is looked at (stat, ``os.access``) but never created. Every check runs and
-reports, whatever an earlier one found: one broken thing must not hide the others.
+Called by the CLI (:func:`run_doctor`, ``kernelprov doctor``) and by ``kernelprov install`` for a
+kernel outside the user's own dir (:func:`shared_access_findings`). Each check returns a
+:class:`Finding`; nothing here changes anything — not even the cache, which is looked at (stat,
+``os.access``) but never created. Every check runs and reports, whatever an earlier one found: one
+broken thing must not hide the others.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from ..engine.inventory import find_staged
 from ..engine.manifest import read_manifest
 from ..engine.securedir import open_private_child, open_trusted_dir, user_name
 from ..errors import KernelprovError
-from ..jupyter.kernelspecs import PROVISIONER_NAME, KernelprovKernel, system_tool
+from ..jupyter.kernelspecs import PROVISIONER_NAME, KernelprovKernel, find_kernels, get_kernel, system_tool
+from . import arguments
 
 # Kernels installed before kernel.json recorded the stager: read it from their run.sh.
 _STAGER = re.compile(r'KERNELPROV_ENV="\$\((.+?)(?: -I)? -m kernelprov unpack')
@@ -37,6 +40,26 @@ class Finding:
     ok: bool
     what: str
     fix: str = ""
+
+
+def run_doctor(args) -> int:
+    """``kernelprov doctor [NAME]``: print the node's findings and each kernel's; exit 1 when any
+    needs a fix. Called by :func:`kernelprov.cli.app.main` with the parsed arguments."""
+    settings = arguments.settings(args)
+    kernels = [get_kernel(args.name, args.kernels_dir)] if args.name else find_kernels(args.kernels_dir)
+    sections = [("this node", check_node(settings))]
+    sections += [(f"kernel {k.name!r} ({k.display_name})", check_kernel(k, settings, verify_hash=not args.no_hash))
+                 for k in kernels]
+    problems = 0
+    for title, findings in sections:
+        print(f"{title}:")
+        for finding in findings:
+            print(f"  {'ok ' if finding.ok else 'FIX'} {finding.what}" + ("" if finding.ok else f"\n      -> {finding.fix}"))
+            problems += not finding.ok
+    if not kernels:
+        print("No kernelprov kernels found; install one with `kernelprov install NAME`.")
+    print(f"{problems} problem(s) found." if problems else "No problems found.")
+    return 1 if problems else 0
 
 
 def check_kernel(kernel: KernelprovKernel, settings, *, verify_hash: bool = True) -> list[Finding]:

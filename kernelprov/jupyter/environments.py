@@ -3,8 +3,9 @@
 One :class:`KernelprovEnvironments` is made per server by the extension loader
 (:mod:`kernelprov.jupyter.serverext`) and handed to the REST handlers in
 :mod:`kernelprov.jupyter.routes`. It works over the engine (``manifest``, ``inventory``,
-``stage``) and the kernelspecs: it describes each kernelprov kernel without decompressing
-anything, and runs pre-warm stages in background threads whose progress the handlers report.
+``failures``) and the kernelspecs: it describes each kernelprov kernel without decompressing
+anything (files are re-read only when their stat changes, :mod:`.statcache`), and starts the
+panel's pre-warm stages (:mod:`.prewarm`, background threads whose progress the handlers report).
 """
 
 from __future__ import annotations
@@ -13,24 +14,22 @@ import asyncio
 import json
 import logging
 import os
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from traitlets import List, Set, TraitError, Unicode
-from traitlets.config import LoggingConfigurable
 
 from ..config import KernelprovConfig
-from ..engine import failures, inventory, stage
+from ..engine import failures, inventory
 from ..engine.archive import not_a_conda_env
 from ..engine.formats import detect_format
 from ..engine.leases import lease_dir
 from ..engine.manifest import manifest_path, read_manifest
 from ..errors import ArchiveError, CacheError, KernelprovError, human_size
-from .events import StagingEvents
 from .kernelspecs import KernelprovKernel, kernel_from_spec, kernel_spec_manager
+from .prewarm import PrewarmJob, PrewarmJobs
+from .statcache import StatCache
 
 log = logging.getLogger(__name__)
 
@@ -39,77 +38,6 @@ _MAX_KERNEL_JSON_BYTES = 1 << 20
 
 #: Keys a kernel's ``kernel_provisioner.config`` may hold (the provisioner's own settings).
 _PROVISIONER_KEYS = ("archive",)
-
-
-@dataclass
-class PrewarmJob:
-    """One background stage started from the panel; its fields are written by the staging thread."""
-
-    archive: Path
-    cache_dir: str
-    started_at: float = field(default_factory=time.time)
-    done: int = 0
-    total: int = 0
-    error: str | None = None
-    finished: bool = False
-    #: Its events on the server's event bus (the same schema as a kernel start's)
-    events: StagingEvents | None = None
-
-    def report(self, done: int, total: int) -> None:
-        """Progress callback for :func:`kernelprov.engine.stage.ensure_staged` (compressed bytes read)."""
-        self.done, self.total = done, total
-        if self.events is not None:
-            self.events.progress_from_thread(done, total)
-
-    def announce(self, method: str, *args: Any) -> None:
-        """Emit one of its events from the staging thread (they are emitted on the loop's thread)."""
-        if self.events is not None and self.events.loop is not None and not self.events.loop.is_closed():
-            self.events.loop.call_soon_threadsafe(getattr(self.events, method), *args)
-
-    def as_dict(self) -> dict[str, Any]:
-        """The JSON the panel shows as "staging 37 %" or as the error that ended the stage."""
-        return {
-            "done": self.done,
-            "total": self.total,
-            "fraction": min(self.done / self.total, 1.0) if self.total else None,
-            "started_at": self.started_at,
-            "elapsed": time.time() - self.started_at,
-            "error": self.error,
-        }
-
-
-class StatCache:
-    """Values computed from files, recomputed only when a file's size, mtime or inode changed.
-
-    The panel polls; kernel dirs and archives live on the shared filesystem that kernelprov
-    exists to spare, so each poll costs one ``stat`` per file instead of a read and a parse.
-    Thread-safe (the REST handlers run in a small pool).
-    """
-
-    def __init__(self) -> None:
-        self._values: dict[str, tuple[tuple[int, int, int], Any]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, path: Path | str, load: Callable[[str], Any], st: os.stat_result | None = None) -> Any:
-        """``load(path)``'s value, from the cache while the file is unchanged; raises ``OSError``
-        from the stat. A ``KernelprovError`` raised by ``load`` is cached and raised again."""
-        path = os.fspath(path)
-        st = os.stat(path) if st is None else st
-        identity = (st.st_mtime_ns, st.st_size, st.st_ino)
-        with self._lock:
-            cached = self._values.get(path)
-        if cached is not None and cached[0] == identity:
-            value = cached[1]
-        else:
-            try:
-                value = load(path)
-            except KernelprovError as err:
-                value = err
-            with self._lock:
-                self._values[path] = (identity, value)
-        if isinstance(value, KernelprovError):
-            raise value
-        return value
 
 
 class KernelprovEnvironments(KernelprovConfig):
@@ -136,8 +64,7 @@ class KernelprovEnvironments(KernelprovConfig):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._jobs: dict[tuple[str, str], PrewarmJob] = {}
-        self._jobs_lock = threading.Lock()
+        self._prewarm = PrewarmJobs(self.log)
         self._kernel_files = StatCache()
         self._manifests = StatCache()
         self._formats = StatCache()
@@ -277,7 +204,7 @@ class KernelprovEnvironments(KernelprovConfig):
     def _staging(self, archive: Path, cache_dir: str, entry) -> dict[str, Any] | None:
         """The stage of ``archive`` under way on this node (from the panel, a kernel start or a
         job prologue), or the panel's own failed one; None when there is neither."""
-        job = self._job(archive, cache_dir)
+        job = self._prewarm.get(archive, cache_dir)
         if job is not None and (entry is None or job.error):
             return job.as_dict()
         if entry is not None:
@@ -328,41 +255,8 @@ class KernelprovEnvironments(KernelprovConfig):
         problems = self.describe(kernel)["problems"]
         if problems:  # the cheap checks already know this stage would fail
             raise ArchiveError(problems[0])
-        key = (str(kernel.archive), settings.cache_dir)
-        with self._jobs_lock:
-            job = self._jobs.get(key)
-            if job is not None and not job.finished:
-                return job
-            job = self._jobs[key] = PrewarmJob(kernel.archive, settings.cache_dir)
-            if event_logger is not None and loop is not None:
-                job.events = StagingEvents(event_logger, kernel.archive, loop=loop, kernel_name=kernel.name,
-                                           display_name=kernel.display_name)
-        # A daemon thread, not the event loop's executor: a server shutting down mid-stage must not
-        # wait for it, and a killed stage leaves nothing that a later one trusts.
-        thread = threading.Thread(target=self._stage, args=(job, settings, key), name=f"kernelprov-stage-{kernel.name}", daemon=True)
-        thread.start()
-        return job
-
-    def _stage(self, job: PrewarmJob, settings: KernelprovConfig, key: tuple[str, str]) -> None:
-        job.announce("started")
-        try:
-            staged = stage.ensure_staged(job.archive, progress=job.report, **settings.stage_options())
-        except KernelprovError as err:
-            self.log.warning("kernelprov: pre-warm of %s failed: %s", job.archive, err)
-            job.error = str(err)
-        except Exception as err:  # a thread has nobody to raise to: log it and show it in the panel
-            self.log.exception("kernelprov: pre-warm of %s failed unexpectedly", job.archive)
-            job.error = f"Staging failed unexpectedly: {err!r}; see the server log."
-        else:
-            self.log.info("kernelprov: pre-warmed %s at %s in %.1f s", job.archive, staged.prefix, staged.seconds)
-            job.announce("finished", staged.seconds, staged.extracted)
-        if job.error is not None:
-            job.announce("failed", job.error)
-        job.finished = True
-        if job.error is None:
-            with self._jobs_lock:
-                if self._jobs.get(key) is job:
-                    del self._jobs[key]
+        return self._prewarm.start(kernel.archive, settings.cache_dir, settings.stage_options(), kernel_name=kernel.name,
+                                   display_name=kernel.display_name, loop=loop, event_logger=event_logger)
 
     def evict(self, kernel: KernelprovKernel) -> Any:
         """Called by ``DELETE /kernelprov/envs/<name>/stage``: remove the staged copy on this node.
@@ -376,14 +270,10 @@ class KernelprovEnvironments(KernelprovConfig):
             return None
         if inventory.find_staged(kernel.archive, cache_root=settings.cache_dir) is None:
             return None
-        job = self._job(kernel.archive, settings.cache_dir)
+        job = self._prewarm.get(kernel.archive, settings.cache_dir)
         if job is not None and not job.finished:
             raise CacheError(f"{kernel.name} is being staged right now; evict it once that has finished.")
         return inventory.evict(kernel.archive, cache_root=settings.cache_dir)
-
-    def _job(self, archive: Path, cache_dir: str) -> PrewarmJob | None:
-        with self._jobs_lock:
-            return self._jobs.get((str(archive), cache_dir))
 
     def _settings_for(self, kernel: KernelprovKernel, problems: list[str]) -> KernelprovConfig | None:
         """This server's settings overridden by the kernel's provisioner config, as the provisioner
