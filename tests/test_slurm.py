@@ -7,8 +7,9 @@ this machine, outside any allocation, and starts that kernel through its REST AP
 asks for both CPUs of a node), stages the env there, and runs code over the kernel's websocket.
 Asserted: the kernel runs inside its user's job on a compute node, bound to that node's address,
 from the env staged in that user's cache on that node's local disk (and on no other node); the
-session key is in no command line and no batch script; interrupt and restart work; shutdown
-cancels the job; a server that stops leaves no job behind; a start that cannot get a node shows
+session key is in no command line and no batch script; interrupt works; a restart keeps the
+job (a fresh kernel in it) unless the job is gone, then it submits a new one; a kernel that dies
+is restarted in its job, a job that is cancelled is resubmitted; shutdown cancels the job; a server that stops leaves no job behind; a start that cannot get a node shows
 "Pending: Resources" and fails at its launch timeout with the job cancelled.
 
 The nodes are :mod:`tests.cluster.nodes`: each slurmd in its own UTS and mount namespace, with
@@ -303,21 +304,59 @@ def test_interrupt_reaches_the_kernel_on_the_node(slurm_run):
     assert servers[user].probe(results[user]["kernel_id"])["job"] == results[user]["job"], "interrupt kept the job"
 
 
-def test_restart_resubmits_and_reuses_the_staged_env(slurm_run):
+def _listening_ports(pid: int) -> list[str]:
+    return [line.split()[3] for line in run(["ss", "-Hltnp"]).stdout.splitlines() if f"pid={pid}," in line]
+
+
+def test_restart_keeps_the_job_and_node_and_starts_a_fresh_kernel(slurm_run):
+    """A user's restart (graceful: shutdown_request, then wait) reuses the running job: same job,
+    same node, same staged env (not staged again), a new kernel process without the old one's
+    variables, on the ports the connection file now names; execute and interrupt work after it."""
     cluster, servers, _archive, results = slurm_run
     user = USERS[0]
-    before = results[user]
+    server, before = servers[user], results[user]
     marker = cluster.node(before["node"]).disk / f"kernelprov-{user}" / f"{Path(before['prefix']).name}.json"
     staged_at = json.loads(marker.read_text())["staged_at"]
-    status, _ = servers[user].api("POST", f"/kernels/{before['kernel_id']}/restart")
+    execute(server.ws(before["kernel_id"]), server.token, "kpsl_left_behind = 42")
+    status, _ = server.api("POST", f"/kernels/{before['kernel_id']}/restart")
     assert status == 200, status
-    after = servers[user].probe(before["kernel_id"])
-    assert after["job"] != before["job"], "a restart runs in a new job"
-    active = [job for job, info in _user_jobs(cluster, user).items() if info["state"] in ("PENDING", "RUNNING")]
-    assert active == [after["job"]], "the old job is gone"
-    assert after["prefix"] == before["prefix"] and after["node"] == before["node"]
+    after = server.probe(before["kernel_id"])
+    assert (after["job"], after["node"]) == (before["job"], before["node"]), f"a restart keeps its job: {after}"
+    assert after["pid"] != before["pid"], "a restart starts a new kernel process"
+    assert list(_user_jobs(cluster, user)) == [before["job"]], "no second job"
+    fresh = execute(server.ws(before["kernel_id"]), server.token, "print('KPSL_FRESH', 'kpsl_left_behind' in dir())")
+    assert "KPSL_FRESH False" in fresh, f"the restarted kernel still has the old kernel's variables: {fresh}"
+    assert after["prefix"] == before["prefix"]
     assert json.loads(marker.read_text())["staged_at"] == staged_at, "the restart staged the env again"
-    results[user].update(job=after["job"])
+    connection_file = server.home / ".local/share/jupyter/runtime" / f"kernel-{before['kernel_id']}.json"
+    connection = json.loads(connection_file.read_text())
+    listening = _listening_ports(after["pid"])
+    assert all(f"{connection['ip']}:{connection[port]}" in listening for port in
+               ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")), (connection, listening)
+    reply = _interrupt_during_sleep(server, before["kernel_id"])
+    assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt", reply
+    assert reply["seconds_after_interrupt"] < 20
+    state = http("GET", f"http://127.0.0.1:{server.port}/kernelprov/envs", server.token)[1]
+    job = next(job for env in state["envs"] if env["name"] == KERNEL for job in env["slurm_jobs"])
+    assert (job["job_id"], job["generation"]) == (before["job"], 1), job
+    results[user].update(pid=after["pid"])
+
+
+def test_restart_after_the_job_was_cancelled_submits_a_new_job(slurm_run):
+    """The job is cancelled from outside (scancel): a restart cannot reuse it and submits a new one."""
+    cluster, servers, _archive, results = slurm_run
+    user = USERS[0]
+    server, before = servers[user], results[user]
+    run(["scancel", before["job"]], env=cluster.env())
+    status, _ = server.api("POST", f"/kernels/{before['kernel_id']}/restart")
+    assert status == 200, status
+    after = wait_for(lambda: _probe_new_job(server, before["kernel_id"], before["job"]), 120,
+                     "the kernel to run in a new job")
+    assert after["prefix"] == before["prefix"] and after["user"] == user
+    active = [job for job, info in _user_jobs(cluster, user).items() if info["state"] in ("PENDING", "RUNNING")]
+    assert active == [after["job"]], f"the cancelled job is not the kernel's any more: {active}"
+    assert "KPSL_WORKS 2" in execute(server.ws(before["kernel_id"]), server.token, "print('KPSL_WORKS', 1 + 1)")
+    results[user].update(job=after["job"], node=after["node"], pid=after["pid"])
 
 
 def test_a_start_that_finds_no_free_node_shows_pending_and_times_out(slurm_run, tmp_path, monkeypatch):
@@ -392,12 +431,9 @@ def test_a_stage_that_fails_on_the_node_says_why(slurm_run):
     assert not any(info["state"] in ("PENDING", "RUNNING") for info in _user_jobs(cluster, USERS[0]).values())
 
 
-def test_a_kernel_whose_job_dies_is_reported_and_resubmitted(slurm_run):
+def _exit_the_kernel(server: Server, kernel_id: str) -> None:
     import websocket
 
-    cluster, servers, _archive, results = slurm_run
-    user = USERS[1]
-    server, kernel_id, job = servers[user], results[user]["kernel_id"], results[user]["job"]
     connection = websocket.create_connection(server.ws(kernel_id), header=[f"Authorization: token {server.token}"])
     connection.send(json.dumps({
         "header": {"msg_id": uuid.uuid4().hex, "username": "kpsl", "session": uuid.uuid4().hex,
@@ -406,13 +442,48 @@ def test_a_kernel_whose_job_dies_is_reported_and_resubmitted(slurm_run):
         "content": {"code": "import os; os._exit(3)", "silent": False, "store_history": False,
                     "user_expressions": {}, "allow_stdin": False, "stop_on_error": True}}))
     connection.close()
-    expected = f"Slurm job {job} ended while the kernel ran (Failed: NonZeroExitCode, exit code 3)."
-    wait_for(lambda: expected in server.daemon.log.read_text(), 60, "the server to report the dead job")
+
+
+def test_a_kernel_that_dies_is_reported_and_restarted_in_its_job(slurm_run):
+    """The kernel exits (os._exit(3)); its job lives on: Jupyter's restarter starts a new kernel
+    in the same job, on the same node."""
+    cluster, servers, _archive, results = slurm_run
+    user = USERS[1]
+    server, kernel_id, job = servers[user], results[user]["kernel_id"], results[user]["job"]
+    _exit_the_kernel(server, kernel_id)
+    expected = f"kernel {kernel_id} exited with status 3 in its Slurm job {job}"
+    wait_for(lambda: expected in server.daemon.log.read_text(), 60, "the server to report the dead kernel")
+    # The new kernel has new ports: a websocket opened before it reported them would talk to the old ones.
+    back = f"kernel {kernel_id} runs on {results[user]['node']} ("
+    wait_for(lambda: any(back in line and "restart 1 in the job" in line for line in
+                         server.daemon.log.read_text().splitlines()), 60, "the kernel to come back")
+    after = wait_for(lambda: _probe_new_pid(server, kernel_id, results[user]["pid"]), 60, "the new kernel to answer")
+    assert (after["job"], after["node"]) == (job, results[user]["node"]), f"not restarted in its job: {after}"
+    assert list(_user_jobs(cluster, user)) == [job]
+    results[user].update(pid=after["pid"])
+
+
+def test_a_kernel_whose_job_is_cancelled_is_reported_and_resubmitted(slurm_run):
+    cluster, servers, _archive, results = slurm_run
+    user = USERS[1]
+    server, kernel_id, job = servers[user], results[user]["kernel_id"], results[user]["job"]
+    run(["scancel", job], env=cluster.env())
+    expected = f"Slurm job {job} ended while the kernel ran"
+    wait_for(lambda: expected in server.daemon.log.read_text(), 60, "the server to report the ended job")
     # jupyter_server's restarter brings the kernel back: in a new job, from the same staged env.
     after = wait_for(lambda: _probe_new_job(server, kernel_id, job), 120, "the kernel to come back in a new job")
     assert after["prefix"] == results[user]["prefix"] and after["user"] == user
     active = [j for j, info in _user_jobs(cluster, user).items() if info["state"] == "RUNNING"]
     assert active == [after["job"]]
+
+
+def _probe_new_pid(server: Server, kernel_id: str, old_pid: int) -> dict | None:
+    try:
+        found = server.probe(kernel_id)
+    except (OSError, TimeoutError, AssertionError, StopIteration, ValueError) as err:
+        print(f"probe: {err!r}")
+        return None
+    return found if found["pid"] != old_pid else None
 
 
 def _probe_new_job(server: Server, kernel_id: str, old_job: str) -> dict | None:

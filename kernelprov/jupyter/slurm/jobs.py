@@ -1,9 +1,11 @@
 """Slurm's own command-line tools as plain, blocking functions; no scheduler logic of our own.
 
 Called by :class:`.provisioner.KernelprovSlurmProvisioner` from its own threads (never the
-server's event loop). ``scontrol show job`` is used to follow a job rather than ``sacct``: it needs
-no accounting database and answers from slurmctld's memory, for as long as the job is known there
-(``MinJobAge`` after it ends); a job slurmctld no longer knows is reported as gone.
+server's event loop). A job is followed with Slurm's own tools, cheapest first
+(:func:`job_state`): ``squeue`` for a job that waits or runs (state, reason, node, time left);
+once it has left the queue, ``scontrol show job`` for its final state and exit code, which
+slurmctld keeps in memory for ``MinJobAge`` after the end; after that ``sacct``, when the site
+keeps accounting (``AccountingStorageType`` other than none). A job none of them knows is gone.
 """
 
 from __future__ import annotations
@@ -33,13 +35,15 @@ class SlurmError(KernelprovError):
 
 @dataclass
 class JobState:
-    """One look at a job: what ``scontrol show job`` said, when."""
+    """One look at a job: what ``squeue``, ``scontrol show job`` or ``sacct`` said, when."""
 
     job_id: str
     state: str
     reason: str = ""
     node: str = ""
     exit_code: int | None = None
+    #: Seconds until the job's time limit, as squeue said (None: no limit, or not known).
+    time_left: float | None = None
     seen_at: float = field(default_factory=time.time)
 
     @property
@@ -91,10 +95,37 @@ def submit(script: str, options: list[str], *, bin_dir: str = "") -> str:
 
 
 _FIELD = re.compile(r"(\w+)=(\S*)")
+_SQUEUE_FORMAT = "%i|%T|%r|%N|%L"
 
 
 def job_state(job_id: str, *, bin_dir: str = "") -> JobState | None:
-    """What slurmctld says about ``job_id`` now, or None when it no longer knows the job."""
+    """What Slurm says about ``job_id`` now, or None when it no longer knows the job."""
+    live = _squeue_state(job_id, bin_dir)
+    if live is not None and live.active:
+        return live
+    ended = _scontrol_state(job_id, bin_dir)  # final state and exit code while slurmctld remembers
+    if ended is not None:
+        return ended
+    return live or _sacct_state(job_id, bin_dir)
+
+
+def _squeue_state(job_id: str, bin_dir: str) -> JobState | None:
+    try:
+        out = _run([tool("squeue", bin_dir), "--noheader", "--jobs", job_id, "--format", _SQUEUE_FORMAT])
+    except SlurmError as err:
+        if "Invalid job id" in str(err):
+            return None
+        raise
+    for line in out.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) == 5 and fields[0] == job_id:
+            _, state, reason, node, left = fields
+            return JobState(job_id, state, reason, "" if node in ("(null)", "None") else node,
+                            time_left=parse_time_left(left))
+    return None
+
+
+def _scontrol_state(job_id: str, bin_dir: str) -> JobState | None:
     try:
         out = _run([tool("scontrol", bin_dir), "show", "job", "--oneliner", job_id])
     except SlurmError as err:
@@ -102,20 +133,56 @@ def job_state(job_id: str, *, bin_dir: str = "") -> JobState | None:
             return None
         raise
     fields = dict(_FIELD.findall(out))
-    exit_code = None
-    if fields.get("ExitCode", "").split(":")[0].isdigit():
-        exit_code = int(fields["ExitCode"].split(":")[0])
     node = fields.get("NodeList", "")
     return JobState(job_id, fields.get("JobState", "UNKNOWN"), fields.get("Reason", ""),
-                    "" if node in ("(null)", "None") else node, exit_code)
+                    "" if node in ("(null)", "None") else node, _exit_code(fields.get("ExitCode", "")))
 
 
-def cancel(job_id: str, *, signal: str | None = None, full: bool = False, bin_dir: str = "") -> None:
-    """``scancel`` the job, or with ``signal`` send it that signal (``full``: to the batch
-    script's processes too, where the kernel runs). A job that already ended is not an error."""
+def _sacct_state(job_id: str, bin_dir: str) -> JobState | None:
+    """The job as the accounting database recorded it; None without accounting (or sacct)."""
+    try:
+        out = _run([tool("sacct", bin_dir), "--noheader", "--parsable2", "--allocations", "--jobs", job_id,
+                    "--format", "JobID,State,ExitCode,NodeList"])
+    except SlurmError as err:
+        log.debug("kernelprov: no sacct record of Slurm job %s: %s", job_id, err)
+        return None
+    for line in out.splitlines():
+        fields = line.split("|")
+        if len(fields) == 4 and fields[0] == job_id:
+            node = fields[3]
+            return JobState(job_id, (fields[1].split() or ["UNKNOWN"])[0], "", "" if node == "None assigned" else node,
+                            _exit_code(fields[2]))
+    return None
+
+
+def _exit_code(text: str) -> int | None:
+    """Slurm's "3:0" (exit code 3, no signal) as 3."""
+    code = text.split(":")[0]
+    return int(code) if code.isdigit() else None
+
+
+def parse_time_left(text: str) -> float | None:
+    """squeue's ``%L`` ("1-02:03:04", "45:10", "UNLIMITED") in seconds; None when there is no limit."""
+    days, _, clock = text.strip().rpartition("-")
+    parts = clock.split(":")
+    if not all(part.isdigit() for part in parts) or not 1 <= len(parts) <= 3 or (days and not days.isdigit()):
+        return None
+    seconds = 0
+    for part in parts:
+        seconds = seconds * 60 + int(part)
+    return float(seconds + int(days or 0) * 86400)
+
+
+def cancel(job_id: str, *, signal: str | None = None, batch: bool = False, full: bool = False,
+           bin_dir: str = "") -> None:
+    """``scancel`` the job, or with ``signal`` send it that signal: ``batch`` to the batch
+    script's process only (the launcher, which passes it on to the kernel), ``full`` to the batch
+    script's processes and their children. A job that already ended is not an error."""
     argv = [tool("scancel", bin_dir)]
     if signal:
         argv.append(f"--signal={signal}")
+    if batch:
+        argv.append("--batch")
     if full:
         argv.append("--full")
     try:

@@ -1,210 +1,77 @@
 """``KernelprovSlurmProvisioner``: the kernel runs in a Slurm job on a compute node.
 
 Registered under ``jupyter_client.kernel_provisioners`` as ``kernelprov-slurm-provisioner``;
-``kernelprov install NAME --archive FILE --slurm [--partition P --time T --cpus N --mem M --gres G
---account A]`` writes a kernelspec that selects it. The Jupyter server stays where it is (a login
-or service node); at each kernel start the provisioner
+``kernelprov install NAME --archive FILE --slurm [--partition P ...]`` writes a kernelspec that
+selects it (its settings: :mod:`.settings`). The server stays on its login or service node. A start
+makes a private exchange dir (:mod:`.exchange`) holding the session key and no ports, submits a
+batch job (``sbatch``, script on stdin, ``--export=NONE``) that runs :mod:`.launcher` on the node —
+which stages the env on *that node's* disk through ``run.sh`` and supervises the kernel — and
+follows the job (:mod:`.jobs`), showing its state and reason ("Pending: Resources"), until the
+kernel wrote its ports or ``launch_timeout`` passes (the job is then cancelled and the start fails
+saying so).
 
-1. makes a private exchange directory (0700, under the user's Jupyter runtime dir on the shared
-   filesystem, or ``connection_dir``) and writes the connection file there, 0600, holding the
-   server's session key and no ports;
-2. submits a batch job with ``sbatch`` (the script on stdin; ``--export=NONE`` so the server's
-   environment — its tokens — stays out of the job) that runs :mod:`.launcher` on the node, which
-   execs the kernel's ``run.sh``: the env is staged on *that node's* local disk in the user's
-   cache, and ipykernel binds ports it picks there and writes them into the connection file;
-3. follows the job with ``scontrol show job`` while it waits in the queue — logging its state and
-   reason ("Pending: Resources") and exposing them through :func:`slurm_job_state` — until the
-   connection file has the kernel's ports, or ``launch_timeout`` passes, after which the job is
-   cancelled and the start fails saying so.
-
-Interrupts and signals go through ``scancel --signal --full`` (the batch script's process *is*
-the kernel: every step up to ipykernel is an ``exec``); ``terminate``/``kill`` and a final
-``cleanup`` cancel the job. A restart submits a new job (with the same session key, so open
-clients keep signing their messages correctly). Jobs still known at interpreter exit are cancelled.
-Every Slurm command runs in this module's own threads, never on the server's event loop.
+A restart keeps the job when it can: ``cleanup(restart=True)`` (a user's restart and the
+restarter's alike) asks the launcher for the next kernel generation if the job still runs, the
+last kernel exited and the time limit is not near, and ``launch_kernel`` waits for that
+generation's ports; otherwise the job is cancelled and a new one submitted, with the same session
+key, so open clients keep signing their messages correctly. Signals go to the launcher
+(``scancel --batch --signal``), which passes them to the kernel's process group; shutdown cancels
+the job, as does interpreter exit for jobs still known. Every Slurm command runs in this module's
+threads, never on the server's event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import functools
-import json
 import os
-import shlex
 import shutil
 import signal
-import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from jupyter_core.paths import jupyter_runtime_dir
-from traitlets import Float, List, Unicode, default
 
 from ...errors import KernelprovError
 from ..events import emit_staging, event_logger_of
 from ..provisioner import KernelStartError
-from . import jobs
+from . import exchange, jobs
+from .launcher import batch_script
+from .registry import RUNNING, slurm_job_state, slurm_jobs_of
+from .settings import SlurmSettings
+
+__all__ = ["KernelprovSlurmProvisioner", "slurm_job_state", "slurm_jobs_of"]
 
 #: Slurm commands of every Slurm kernel of this server: short, but slurmctld may be slow to answer.
 _SLURM_THREADS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="kernelprov-slurm")
-_PORTS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
-
-#: The Slurm kernels of this server process, by kernel id (for :func:`slurm_job_state` and exit).
-_RUNNING: dict[str, "KernelprovSlurmProvisioner"] = {}
+#: A restart keeps a job only with at least this many seconds left before its time limit.
+MIN_TIME_LEFT_TO_REUSE = 300.0
 
 
-def slurm_jobs_of(resource_dir: str | os.PathLike) -> list[dict]:
-    """The Slurm jobs of this server's running kernels of the kernelspec in ``resource_dir``,
-    each as :func:`slurm_job_state` describes it plus its ``kernel_id``; called by the panel's
-    listing (:mod:`kernelprov.jupyter.environments`), from any thread (it only reads)."""
-    wanted = os.path.realpath(resource_dir)
-    found = []
-    for kernel_id, provisioner in list(_RUNNING.items()):
-        spec_dir = getattr(provisioner.kernel_spec, "resource_dir", None)
-        if spec_dir and os.path.realpath(spec_dir) == wanted:
-            state = slurm_job_state(kernel_id)
-            if state is not None:
-                found.append({"kernel_id": kernel_id, **state})
-    return found
+class _JobEnded(KernelStartError):
+    """The job ended before the kernel generation a start waits for reported its ports."""
 
 
-def slurm_job_state(kernel_id: str) -> dict | None:
-    """The Slurm job of a running Slurm kernel, or None when ``kernel_id`` is not one.
-
-    For the panel (and any REST handler): returns ``{"job_id", "state", "reason", "node",
-    "description", "submitted_at", "seen_at"}`` — ``state`` is Slurm's (``PENDING``, ``RUNNING``,
-    ...), ``description`` the one line to show ("Pending: Resources", "Running on n1"). It reads
-    the provisioner's last look at the job (refreshed about every second while the kernel starts,
-    at every ``poll`` after), so it is cheap and never blocks: call it from the event loop."""
-    provisioner = _RUNNING.get(kernel_id)
-    if provisioner is None or provisioner.job_id is None:
-        return None
-    seen = provisioner.last_state
-    return {
-        "job_id": provisioner.job_id,
-        "state": seen.state if seen else "SUBMITTED",
-        "reason": seen.reason if seen else "",
-        "node": (seen.node if seen else "") or provisioner.node,
-        "description": seen.describe() if seen else "Submitted",
-        "submitted_at": provisioner.submitted_at,
-        "seen_at": seen.seen_at if seen else None,
-    }
-
-
-@atexit.register
-def _cancel_leftover_jobs() -> None:
-    """A server that exits without shutting its kernels down leaves no job behind."""
-    by_bin_dir: dict[str, list[str]] = {}
-    for provisioner in list(_RUNNING.values()):
-        if provisioner.job_id:
-            by_bin_dir.setdefault(provisioner.slurm_bin_dir, []).append(provisioner.job_id)
-    for bin_dir, job_ids in by_bin_dir.items():
-        jobs.cancel_quietly(job_ids, bin_dir=bin_dir)
-
-
-def _env_default(name: str, fallback: str = "") -> str:
-    return os.environ.get(name, fallback)
-
-
-class KernelprovSlurmProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+class KernelprovSlurmProvisioner(SlurmSettings, KernelProvisionerBase):  # type: ignore[misc]
     """Runs a kernelprov kernel as a Slurm batch job; the env is staged on the compute node."""
-
-    archive = Unicode(config=True, help="""Path of the conda-pack archive the kernel runs from, on a filesystem
-        the compute nodes mount (written into kernel.json by `kernelprov install --slurm`).""")
-    partition = Unicode(config=True, help="Slurm partition (sbatch --partition). Default: $KERNELPROV_SLURM_PARTITION, else Slurm's default.")
-    account = Unicode(config=True, help="Slurm account (sbatch --account). Default: $KERNELPROV_SLURM_ACCOUNT, else the user's default.")
-    time_limit = Unicode(config=True, help="""Job time limit in any sbatch --time format ("8:00:00", "1-0").
-        Default: $KERNELPROV_SLURM_TIME, else the partition's default.""")
-    cpus = Unicode(config=True, help="CPUs for the kernel (sbatch --cpus-per-task). Default: $KERNELPROV_SLURM_CPUS, else Slurm's (1).")
-    memory = Unicode(config=True, help="Memory (sbatch --mem, e.g. 8G). Default: $KERNELPROV_SLURM_MEM, else the partition's default.")
-    gres = Unicode(config=True, help="Generic resources, e.g. gpu:1 (sbatch --gres). Default: $KERNELPROV_SLURM_GRES, else none.")
-    extra_sbatch_options = List(Unicode(), config=True, help="""More sbatch options, one per item
-        (e.g. ["--qos=interactive", "--constraint=ib"]). Default: $KERNELPROV_SLURM_OPTIONS, split as a shell would.""")
-    launch_timeout = Float(config=True, help="""Seconds a kernel start waits for its job to start and the
-        kernel to report its ports (queue wait included) before the job is cancelled and the start
-        fails. Default: $KERNELPROV_SLURM_LAUNCH_TIMEOUT, else 300.""")
-    poll_interval = Float(config=True, help="""Seconds between looks at a running kernel's job (Jupyter
-        asks whether the kernel lives every few seconds; slurmctld is asked at most this often).
-        Default: $KERNELPROV_SLURM_POLL_INTERVAL, else 10.""")
-    connection_dir = Unicode(config=True, help="""Directory on a filesystem both the server and the
-        compute nodes mount, private to the user, where each kernel gets its 0700 exchange dir
-        (connection file, job log). Default: $KERNELPROV_SLURM_CONNECTION_DIR, else the Jupyter
-        runtime dir (~/.local/share/jupyter/runtime).""")
-    node_cache_dir = Unicode(config=True, help="""The cache root on the compute nodes (their local disk),
-        passed to the job as KERNELPROV_CACHE_DIR. Default: $KERNELPROV_SLURM_NODE_CACHE_DIR, else
-        none: the job's own $SLURM_TMPDIR/$TMPDIR, else /tmp, on the node.""")
-    stager = Unicode(config=True, help="""The Python with kernelprov installed that the job runs the
-        launcher and run.sh's stager with (written into kernel.json by `kernelprov install`);
-        it must be executable on the compute nodes. Default: this server's Python.""")
-    slurm_bin_dir = Unicode(config=True, help="Directory of sbatch/scontrol/scancel. Default: $KERNELPROV_SLURM_BIN_DIR, else PATH.")
-
-    @default("partition")
-    def _partition_default(self) -> str:
-        return _env_default("KERNELPROV_SLURM_PARTITION")
-
-    @default("account")
-    def _account_default(self) -> str:
-        return _env_default("KERNELPROV_SLURM_ACCOUNT")
-
-    @default("time_limit")
-    def _time_default(self) -> str:
-        return _env_default("KERNELPROV_SLURM_TIME")
-
-    @default("cpus")
-    def _cpus_default(self) -> str:
-        return _env_default("KERNELPROV_SLURM_CPUS")
-
-    @default("memory")
-    def _memory_default(self) -> str:
-        return _env_default("KERNELPROV_SLURM_MEM")
-
-    @default("gres")
-    def _gres_default(self) -> str:
-        return _env_default("KERNELPROV_SLURM_GRES")
-
-    @default("extra_sbatch_options")
-    def _extra_default(self) -> list[str]:
-        return shlex.split(_env_default("KERNELPROV_SLURM_OPTIONS"))
-
-    @default("launch_timeout")
-    def _launch_timeout_default(self) -> float:
-        return float(_env_default("KERNELPROV_SLURM_LAUNCH_TIMEOUT", "300"))
-
-    @default("poll_interval")
-    def _poll_interval_default(self) -> float:
-        return float(_env_default("KERNELPROV_SLURM_POLL_INTERVAL", "10"))
-
-    @default("connection_dir")
-    def _connection_dir_default(self) -> str:
-        return _env_default("KERNELPROV_SLURM_CONNECTION_DIR") or jupyter_runtime_dir()
-
-    @default("node_cache_dir")
-    def _node_cache_dir_default(self) -> str:
-        return _env_default("KERNELPROV_SLURM_NODE_CACHE_DIR")
-
-    @default("stager")
-    def _stager_default(self) -> str:
-        return sys.executable
-
-    @default("slurm_bin_dir")
-    def _slurm_bin_dir_default(self) -> str:
-        return _env_default("KERNELPROV_SLURM_BIN_DIR")
 
     job_id: str | None = None
     node: str = ""
     submitted_at: float | None = None
     last_state: jobs.JobState | None = None
+    #: The kernel generation in the job that this provisioner runs or waits for (0: the first).
+    generation: int = 0
     _exchange_dir: str | None = None
     _exit_code: int | None = None
-    #: The server asked this kernel to stop (shutdown, terminate, kill): its job's end is expected.
+    #: The server asked this kernel to stop (shutdown, terminate, kill): its end is expected.
     _stopping: bool = False
-
-    # --- where jobs come from ----------------------------------------------------------------
+    #: What the job was submitted with (batch script, sbatch options): a restart that would
+    #: submit anything else gets a new job.
+    _submitted_with: tuple[str, tuple[str, ...]] | None = None
+    #: ``cleanup(restart=True)`` asked the job for ``generation``; ``launch_kernel`` waits for it.
+    _reuse_requested: bool = False
 
     @property
     def has_process(self) -> bool:
@@ -223,10 +90,10 @@ class KernelprovSlurmProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         kwargs["cmd"] = list(self.kernel_spec.argv)
         return kwargs
 
-    def _batch_script(self, connection_file: str, env: dict[str, str]) -> str:
-        run_sh = self.kernel_spec.argv[0]
+    def _batch_script(self, env: dict[str, str]) -> str:
+        """The job's script (:func:`.launcher.batch_script`) with the few variables a kernel needs:
+        ``--export=NONE`` gives the job no environment of the server's."""
         exports = {
-            # --export=NONE gives the job no environment: the few variables a kernel needs.
             "PATH": "/usr/local/bin:/usr/bin:/bin",
             **{name: env[name] for name in ("HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "SLURM_CONF") if env.get(name)},
             # The kernelspec's own env stanza (already substituted by pre_launch).
@@ -234,65 +101,68 @@ class KernelprovSlurmProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         }
         if self.node_cache_dir:
             exports["KERNELPROV_CACHE_DIR"] = self.node_cache_dir
-        lines = ["#!/bin/bash",
-                 f"# kernelprov Slurm kernel {self.kernel_spec.display_name!r} ({self.kernel_id})"]
-        lines += [f"export {name}={shlex.quote(value)}" for name, value in exports.items() if name.isidentifier()]
-        lines.append(" ".join(["exec", shlex.quote(self.stager), "-I", "-m", "kernelprov.jupyter.slurm.launcher",
-                               shlex.quote(connection_file), shlex.quote(run_sh)]))
-        return "\n".join(lines) + "\n"
+        return batch_script(f"kernelprov Slurm kernel {self.kernel_spec.display_name!r} ({self.kernel_id})", exports,
+                            self.stager, self._exchange_dir or "", self.kernel_spec.argv[0], self.restart_grace)
 
-    def _sbatch_options(self, log_file: str, cwd: str | None) -> list[str]:
-        options = [f"--job-name=kernelprov-{self.parent.kernel_name or 'kernel'}", "--export=NONE", "--nodes=1",
-                   "--ntasks=1", f"--output={log_file}", f"--chdir={cwd or os.path.expanduser('~')}"]
-        for flag, value in (("--partition", self.partition), ("--account", self.account), ("--time", self.time_limit),
-                            ("--cpus-per-task", self.cpus), ("--mem", self.memory), ("--gres", self.gres)):
-            if value:
-                options.append(f"{flag}={value}")
-        return options + list(self.extra_sbatch_options)
+    async def _in_thread(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Run a blocking Slurm command or shared-filesystem read off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_SLURM_THREADS, functools.partial(function, *args, **kwargs))
 
-    def _write_connection_file(self) -> str:
-        """The exchange dir (0700) and its connection file (0600): the session key, no ports yet."""
-        parent = self.connection_dir
-        os.makedirs(parent, mode=0o700, exist_ok=True)
-        self._exchange_dir = tempfile.mkdtemp(prefix=f"kernelprov-slurm-{self.kernel_id}-", dir=parent)
-        session = self.parent.session
-        connection = {"key": session.key.decode(), "signature_scheme": session.signature_scheme, "transport": "tcp",
-                      "kernel_name": self.parent.kernel_name or "", **{port: 0 for port in _PORTS}}
-        path = os.path.join(self._exchange_dir, "connection.json")
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as out:
-            json.dump(connection, out)
-        return path
+    # --- starts: a new job, or the next kernel generation in the job ---------------------------
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
-        """Called from ``KernelManager.launch_kernel()``: submit the job and wait until the kernel
-        on the node has written its ports (or the job ends, or ``launch_timeout`` passes)."""
-        loop = asyncio.get_running_loop()
-        connection_file = self._write_connection_file()
-        script = self._batch_script(connection_file, kwargs.get("env") or {})
-        options = self._sbatch_options(os.path.join(self._exchange_dir, "job.log"), kwargs.get("cwd"))
+        """Called from ``KernelManager.launch_kernel()`` at every start and restart. On a restart
+        that :meth:`cleanup` prepared, waits for the job's next kernel generation; else (or when
+        the job ended meanwhile) submits a job and waits until the kernel on the node has written
+        its ports (or the job ends, or ``launch_timeout`` passes)."""
+        env, cwd = kwargs.get("env") or {}, kwargs.get("cwd")
+        if self._reuse_requested and self.job_id is not None:
+            self._reuse_requested = False
+            if self._submission(env, cwd) == self._submitted_with:
+                began = time.monotonic()
+                try:
+                    return await self._started(await self._wait_for_kernel(reusing=True), began)
+                except _JobEnded as err:
+                    self.log.warning("kernelprov: %s; submitting a new job", err)
+            else:
+                self.log.info("kernelprov: kernel %s restarts with other launch arguments: a new Slurm job",
+                              self.kernel_id)
+            await self._end_job()
+        return await self._submit(env, cwd)
+
+    def _submission(self, env: dict[str, str], cwd: str | None) -> tuple[str, tuple[str, ...]]:
+        log_file = os.path.join(self._exchange_dir or "", "job.log")
+        return self._batch_script(env), tuple(self.sbatch_options(log_file, cwd, self.parent.kernel_name or "kernel"))
+
+    async def _submit(self, env: dict[str, str], cwd: str | None) -> KernelConnectionInfo:
+        session = self.parent.session
+        self._exchange_dir = await self._in_thread(exchange.make_exchange_dir, self.connection_dir, self.kernel_id, {
+            "key": session.key.decode(), "signature_scheme": session.signature_scheme, "transport": "tcp",
+            "kernel_name": self.parent.kernel_name or ""})
+        script, options = self._submitted_with = self._submission(env, cwd)
         try:
-            self.job_id = await loop.run_in_executor(
-                _SLURM_THREADS, functools.partial(jobs.submit, script, options, bin_dir=self.slurm_bin_dir))
+            self.job_id = await self._in_thread(jobs.submit, script, list(options), bin_dir=self.slurm_bin_dir)
         except KernelprovError as err:
             self._remove_exchange_dir()
             raise KernelStartError(f"{self.kernel_spec.display_name} could not be submitted to Slurm: {err}") from err
-        self.submitted_at, self.last_state, self.node, self._exit_code = time.time(), None, "", None
-        self._stopping = False
-        _RUNNING[self.kernel_id] = self
+        self.submitted_at, self.last_state, self.node, self.generation = time.time(), None, "", 0
+        RUNNING[self.kernel_id] = self
         self.log.info("kernelprov: kernel %s submitted as Slurm job %s (%s)", self.kernel_id, self.job_id, " ".join(options))
         began = time.monotonic()
         try:
-            self.connection_info = await self._wait_for_kernel(connection_file)
+            info = await self._wait_for_kernel(reusing=False)
         except BaseException as err:
             # A start that failed gets no cleanup() from the kernel manager: no job, no dir left.
-            if self.last_state is None or self.last_state.active:
-                await self._cancel()
-            self._forget()
+            await self._end_job()
             self._announce("failed", seconds=time.monotonic() - began, message=str(err))
             raise
+        return await self._started(info, began)
+
+    async def _started(self, info: KernelConnectionInfo, began: float) -> KernelConnectionInfo:
+        self.connection_info, self._exit_code, self._stopping = info, None, False
         self._announce("finished", seconds=time.monotonic() - began)
-        return self.connection_info
+        return info
 
     def _announce(self, action: str, **fields: Any) -> None:
         """One event of this kernel's start on the server's bus (queued, finished, failed)."""
@@ -300,64 +170,90 @@ class KernelprovSlurmProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                      kernel_name=os.path.basename(self.kernel_spec.resource_dir or "") or None,
                      display_name=self.kernel_spec.display_name, **fields)
 
-    async def _wait_for_kernel(self, connection_file: str) -> KernelConnectionInfo:
-        loop = asyncio.get_running_loop()
+    async def _wait_for_kernel(self, reusing: bool) -> KernelConnectionInfo:
+        """Until generation :attr:`generation` wrote its ports; raises :class:`_JobEnded` if the
+        job ends first, :class:`KernelStartError` (job cancelled) at ``launch_timeout``."""
         deadline = time.monotonic() + self.launch_timeout
         shown = None
         while True:
             state = await self._refresh_state()
             if state is None or not state.active:
-                raise KernelStartError(self._ended_message(state, "before the kernel started"))
-            if state.describe() != shown:
+                raise _JobEnded(self._ended_message(state, "before the kernel " + ("restarted" if reusing else "started")))
+            if state.describe() != shown and not reusing:
                 shown = state.describe()
                 self.log.info("kernelprov: kernel %s, Slurm job %s: %s", self.kernel_id, self.job_id, shown)
                 # On the event bus too: JupyterLab's status bar says "Pending: Resources", not a spinner.
                 self._announce("queued", message=f"{shown} (job {self.job_id})")
             if state.state == "RUNNING":
-                info = await loop.run_in_executor(_SLURM_THREADS, _read_ports, connection_file)
+                info = await self._in_thread(exchange.read_ports, self._exchange_dir, self.generation)
                 if info is not None:
                     self.node = state.node
-                    self.log.info("kernelprov: kernel %s runs on %s (%s), Slurm job %s", self.kernel_id, state.node,
-                                  info["ip"], self.job_id)
+                    self.log.info("kernelprov: kernel %s runs on %s (%s), Slurm job %s%s", self.kernel_id, state.node,
+                                  info["ip"], self.job_id, f", restart {self.generation} in the job" if reusing else "")
                     return info
             if time.monotonic() > deadline:
-                await self._cancel()
+                await self._scancel()
                 self.last_state = jobs.JobState(self.job_id, "CANCELLED", "launch timeout", state.node)
                 waited = "waited in the queue" if state.state == "PENDING" else "did not report its kernel"
                 raise KernelStartError(
                     f"{self.kernel_spec.display_name} did not start: its Slurm job {self.job_id} {waited} for "
                     f"{self.launch_timeout:.0f} s ({state.describe()}) and was cancelled. Try again later, ask for "
                     "fewer resources, or raise c.KernelprovSlurmProvisioner.launch_timeout.")
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.5 if reusing else 1.0)
 
     def _ended_message(self, state: jobs.JobState | None, when: str) -> str:
         what = state.describe() if state is not None else "gone from the queue"
         if state is not None and state.exit_code:
             what += f", exit code {state.exit_code}"
-        log_file = os.path.join(self._exchange_dir or "", "job.log")
-        last = _tail(log_file)
+        last = exchange.tail(os.path.join(self._exchange_dir or "", "job.log"))
         detail = f" Its last output: {last}" if last else ""
         return f"{self.kernel_spec.display_name}'s Slurm job {self.job_id} ended {when} ({what}).{detail}"
 
-    # --- following the job -------------------------------------------------------------------
+    # --- following the job and its kernel -----------------------------------------------------
 
     async def _refresh_state(self) -> jobs.JobState | None:
-        loop = asyncio.get_running_loop()
         job_id = self.job_id
-        state = await loop.run_in_executor(_SLURM_THREADS, functools.partial(jobs.job_state, job_id, bin_dir=self.slurm_bin_dir))
+        state = await self._in_thread(jobs.job_state, job_id, bin_dir=self.slurm_bin_dir)
         if state is None and self.last_state is not None:
-            # Purged from slurmctld's memory: it ended; keep what was last seen.
+            # Forgotten by Slurm (no accounting): it ended; keep what was last seen.
             state = jobs.JobState(job_id, "COMPLETED" if self.last_state.active else self.last_state.state,
                                   self.last_state.reason, self.last_state.node, self.last_state.exit_code)
         if state is not None:
             self.last_state = state
         return state
 
+    async def _kernel_exit(self) -> int | None:
+        """The exit status of generation :attr:`generation` if the launcher saw it exit, else None."""
+        status = await self._in_thread(exchange.read_status, self._exchange_dir) if self._exchange_dir else None
+        if status and status.get("generation") == self.generation and status.get("state") in ("exited", "ended"):
+            code = status.get("exit_code")
+            return code if isinstance(code, int) else 1
+        return None
+
     async def poll(self) -> int | None:
-        """Called from ``KernelManager.is_alive()`` (the restarter, every few seconds): None while
-        the job waits or runs, else its exit code. Asks slurmctld at most every ``poll_interval``."""
+        """Called from ``KernelManager.is_alive()`` (the restarter, every few seconds; shutdown,
+        every 0.1 s): None while the kernel runs, else its exit code. The kernel ended when the
+        launcher says so (``status.json``, a file read) or its job ended; slurmctld is asked at
+        most every ``poll_interval``."""
         if self.job_id is None:
             return self._exit_code if self._exit_code is not None else 0
+        exited = await self._kernel_exit()
+        if exited is not None:
+            if not self._stopping:
+                self._stopping = True  # said once; the restarter takes it from here
+                # Did the kernel die alone, or with its job (scancel, time limit, node failure)?
+                # The user needs to know which: one takes a restart in the job, the other a new job.
+                try:
+                    state = await self._refresh_state()
+                except KernelprovError:
+                    state = self.last_state
+                if state is not None and state.state != "RUNNING":
+                    self.log.error("kernelprov: %s", self._ended_message(state, "while the kernel ran"))
+                else:
+                    self.log.error("kernelprov: kernel %s exited with status %s in its Slurm job %s on %s",
+                                   self.kernel_id, exited, self.job_id, self.node or "its node")
+            self._exit_code = exited
+            return exited
         seen = self.last_state
         if seen is None or time.time() - seen.seen_at >= self.poll_interval:
             try:
@@ -369,13 +265,18 @@ class KernelprovSlurmProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             return None
         self._exit_code = (seen.exit_code if seen is not None and seen.exit_code is not None else 1)
         if not self._stopping:
-            self._stopping = True  # said once; the restarter takes it from here
+            self._stopping = True
             self.log.error("kernelprov: %s", self._ended_message(seen, "while the kernel ran"))
         return self._exit_code
 
     async def wait(self) -> int | None:
-        """Called from ``KernelManager.finish_shutdown()``: wait until the job has ended."""
+        """Called from ``KernelManager.finish_shutdown()``/``kill_kernel()`` once ``poll`` said the
+        kernel ended: waits until the kernel has exited (the job may live on for a restart)."""
         while self.job_id is not None:
+            exited = await self._kernel_exit()
+            if exited is not None:
+                self._exit_code = exited
+                return exited
             try:
                 state = await self._refresh_state()
             except KernelprovError as err:
@@ -395,60 +296,91 @@ class KernelprovSlurmProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """A start may wait in the queue; the restarter counts from when it ends."""
         return max(recommended, 30.0)
 
+    # --- signals and stops ----------------------------------------------------------------------
+
     async def shutdown_requested(self, restart: bool = False) -> None:
-        """Called from ``KernelManager.request_shutdown()``: the job's end is expected now."""
+        """Called from ``KernelManager.request_shutdown()``: the kernel's end is expected now."""
         self._stopping = True
 
     async def send_signal(self, signum: int) -> None:
         """Called from ``KernelManager.signal_kernel()`` (SIGINT for an interrupt): ``scancel
-        --signal --full``, to the batch script's processes, i.e. the kernel and its children."""
+        --batch --signal`` to the launcher, which passes it to the kernel's process group.
+        SIGKILL and SIGSTOP, which it cannot catch, go to every process of the batch step."""
         if self.job_id is None:
             return
         if signum == 0:
             await self.poll()
             return
         name = signal.Signals(signum).name.removeprefix("SIG")
-        await self._scancel(signal_name=name, full=True)
+        uncatchable = signum in (signal.SIGKILL, signal.SIGSTOP)
+        await self._scancel(signal_name=name, batch=not uncatchable, full=uncatchable)
 
     async def terminate(self, restart: bool = False) -> None:
         """Called from ``KernelManager.finish_shutdown()`` when the kernel did not exit on request:
-        SIGTERM to the kernel."""
+        SIGTERM to the kernel (the launcher kills its process group a few seconds later)."""
         self._stopping = True
-        await self._scancel(signal_name="TERM", full=True)
+        await self._scancel(signal_name="TERM", batch=True)
 
     async def kill(self, restart: bool = False) -> None:
-        """Called from ``KernelManager.kill_kernel()``: cancel the job."""
+        """Called from ``KernelManager.kill_kernel()`` — for a restart too, with ``restart`` False
+        (``shutdown_kernel(now=True)``): stops the kernel as :meth:`terminate` does, unless it
+        already exited; the job's fate is :meth:`cleanup`'s."""
         self._stopping = True
-        await self._cancel()
+        if self.job_id is not None and await self._kernel_exit() is None:
+            await self._scancel(signal_name="TERM", batch=True)
 
-    async def _scancel(self, signal_name: str | None = None, full: bool = False) -> None:
+    async def _scancel(self, signal_name: str | None = None, batch: bool = False, full: bool = False) -> None:
         if self.job_id is None:
             return
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(_SLURM_THREADS, functools.partial(
-                jobs.cancel, self.job_id, signal=signal_name, full=full, bin_dir=self.slurm_bin_dir))
+            await self._in_thread(jobs.cancel, self.job_id, signal=signal_name, batch=batch, full=full,
+                                  bin_dir=self.slurm_bin_dir)
         except KernelprovError as err:
             self.log.warning("kernelprov: scancel of Slurm job %s failed: %s", self.job_id, err)
 
-    async def _cancel(self) -> None:
-        await self._scancel()
-        self.log.info("kernelprov: cancelled Slurm job %s of kernel %s", self.job_id, self.kernel_id)
-
     async def cleanup(self, restart: bool = False) -> None:
-        """Called by the kernel manager after the kernel ended (and before a restart submits a new
-        job): cancels the job if it still waits or runs, removes the exchange dir."""
+        """Called by the kernel manager after the kernel ended, last in every shutdown and restart.
+        For a restart, keeps the job when :meth:`_reusable` and asks its launcher for the next
+        kernel generation; otherwise cancels the job if it still waits or runs and removes the
+        exchange dir."""
+        if self.job_id is not None and restart and await self._reusable():
+            self.generation += 1
+            await self._in_thread(exchange.request_restart, self._exchange_dir, self.generation)
+            self._reuse_requested = True
+            self.log.info("kernelprov: kernel %s restarts in its Slurm job %s on %s (restart %s in the job)",
+                          self.kernel_id, self.job_id, self.node, self.generation)
+            return
+        await self._end_job()
+
+    async def _reusable(self) -> bool:
+        """The job still runs, its kernel has exited, and its time limit is not near."""
+        if await self._kernel_exit() is None:
+            self.log.info("kernelprov: kernel %s did not exit in Slurm job %s: restarting in a new job",
+                          self.kernel_id, self.job_id)
+            return False
+        try:
+            state = await self._refresh_state()
+        except KernelprovError as err:
+            self.log.warning("kernelprov: cannot look at Slurm job %s: %s", self.job_id, err)
+            return False
+        if state is None or state.state != "RUNNING":
+            return False
+        if state.time_left is not None and state.time_left < MIN_TIME_LEFT_TO_REUSE:
+            self.log.info("kernelprov: Slurm job %s reaches its time limit in %.0f s: restarting in a new job",
+                          self.job_id, state.time_left)
+            return False
+        return True
+
+    async def _end_job(self) -> None:
+        """Cancel the job if it may still wait or run; off the registry, exchange dir removed."""
         if self.job_id is not None:
             state = self.last_state
             if state is None or state.active:
-                await self._cancel()
+                await self._scancel()
+                self.log.info("kernelprov: cancelled Slurm job %s of kernel %s", self.job_id, self.kernel_id)
             self.log.info("kernelprov: Slurm job %s of kernel %s is done", self.job_id, self.kernel_id)
-        self._forget()
-
-    def _forget(self) -> None:
-        """This kernel has no job any more: off the registry, its exchange dir removed."""
-        _RUNNING.pop(self.kernel_id, None)
-        self.job_id = None
+        RUNNING.pop(self.kernel_id, None)
+        self.job_id, self._reuse_requested = None, False
         self._remove_exchange_dir()
 
     def _remove_exchange_dir(self) -> None:
@@ -456,10 +388,12 @@ class KernelprovSlurmProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             shutil.rmtree(self._exchange_dir, ignore_errors=True)
             self._exchange_dir = None
 
+    # --- persisted kernels ----------------------------------------------------------------------
+
     async def get_provisioner_info(self) -> dict[str, Any]:
         """For servers that persist kernels: the job this kernel runs in."""
         info = await super().get_provisioner_info()
-        info.update(job_id=self.job_id, node=self.node, exchange_dir=self._exchange_dir)
+        info.update(job_id=self.job_id, node=self.node, exchange_dir=self._exchange_dir, generation=self.generation)
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict) -> None:
@@ -467,28 +401,6 @@ class KernelprovSlurmProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         await super().load_provisioner_info(provisioner_info)
         self.job_id, self.node = provisioner_info.get("job_id"), provisioner_info.get("node", "")
         self._exchange_dir = provisioner_info.get("exchange_dir")
+        self.generation = int(provisioner_info.get("generation") or 0)
         if self.job_id:
-            _RUNNING[self.kernel_id] = self
-
-
-def _read_ports(connection_file: str) -> KernelConnectionInfo | None:
-    """The connection file once the kernel on the node wrote its ports into it, else None."""
-    try:
-        with open(connection_file) as source:
-            info = json.load(source)
-    except (OSError, ValueError):
-        return None  # not there yet, or being replaced
-    if not info.get("ip") or not all(isinstance(info.get(port), int) and info[port] > 0 for port in _PORTS):
-        return None
-    info["key"] = info["key"].encode()
-    return info
-
-
-def _tail(path: str, limit: int = 300) -> str:
-    try:
-        with open(path, errors="replace") as source:
-            text = source.read()[-4000:]
-    except OSError:
-        return ""
-    lines = [line for line in text.splitlines() if line.strip()]
-    return " / ".join(lines[-3:])[-limit:]
+            RUNNING[self.kernel_id] = self
