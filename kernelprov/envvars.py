@@ -11,6 +11,8 @@ could change a kernelprov setting: importing traitlets and loading the config fi
 from __future__ import annotations
 
 import os
+import site
+import sys
 from pathlib import Path
 
 from .engine.cache import CACHE_ROOT_VARIABLES, default_cache_root
@@ -96,13 +98,44 @@ def stage_options(cache_dir_override: str | None = None) -> dict:
             "allowed_roots": allowed_archive_roots(), "max_unpacked_bytes": max_unpacked_bytes()}
 
 
+def config_dirs_to_check() -> set[str]:
+    """Every directory ``jupyter_core.paths.jupyter_config_path()`` could list here — a superset,
+    in no order — without importing jupyter_core.
+
+    Why by hand: importing ``jupyter_core.paths`` (platformdirs, tempfile) cost ~8 ms of the warm
+    ``kernelprov unpack`` that ``run.sh`` pays at every kernel start, and only the *set* matters to
+    :func:`site_config_may_configure`: a directory too many costs one ``stat``, and any config
+    file that names kernelprov sends the CLI to the full traitlets loader, which reads
+    jupyter_core's own list in its own order. Where jupyter_core's rules are more than these
+    (platformdirs locations, a non-Linux system path, JUPYTER_NO_CONFIG), it is asked itself;
+    ``tests/test_warm_unpack.py`` checks the superset under each variable that changes the list."""
+    env = os.environ
+    if "jupyter_core.paths" in sys.modules or env.get("JUPYTER_NO_CONFIG") or env.get("JUPYTER_PLATFORM_DIRS") \
+            or not sys.platform.startswith("linux"):  # loaded already, or rules beyond these: ask it
+        from jupyter_core.paths import jupyter_config_path
+
+        return set(jupyter_config_path())
+    return config_dirs_by_rule()
+
+
+def config_dirs_by_rule() -> set[str]:
+    """jupyter_core's config dirs on Linux, by its rules (see :func:`config_dirs_to_check`)."""
+    env = os.environ
+    dirs = {p.rstrip(os.sep) for p in env.get("JUPYTER_CONFIG_PATH", "").split(os.pathsep) if p}
+    dirs.add(env.get("JUPYTER_CONFIG_DIR") or os.path.join(os.path.realpath(os.path.expanduser("~")), ".jupyter"))
+    if site.ENABLE_USER_SITE:
+        userbase = site.getuserbase() if hasattr(site, "getuserbase") else site.USER_BASE
+        if userbase:
+            dirs.add(os.path.join(userbase, "etc", "jupyter"))
+    dirs.update((os.path.join(sys.prefix, "etc", "jupyter"), "/usr/local/etc/jupyter", "/etc/jupyter"))
+    return dirs
+
+
 def site_config_files() -> list[Path]:
     """The Jupyter config files the CLI reads (``jupyter_config`` and ``jupyter_server_config``,
-    ``.json`` and ``.py``) that exist, lowest priority first."""
-    from jupyter_core.paths import jupyter_config_path
-
+    ``.json`` and ``.py``) that exist in :func:`config_dirs_to_check`, in no particular order."""
     found = []
-    for directory in reversed(jupyter_config_path()):
+    for directory in sorted(config_dirs_to_check()):
         for base in SITE_CONFIG_FILES:
             for suffix in (".json", ".py"):
                 path = Path(directory) / f"{base}{suffix}"

@@ -49,6 +49,22 @@ def test_environment_options_are_the_configs(monkeypatch, tmp_path):
     assert envvars.stage_options("/other")["cache_root"] == "/other"
 
 
+@pytest.mark.parametrize("variables", [
+    {}, {"JUPYTER_CONFIG_DIR": "/site/cfg"}, {"JUPYTER_CONFIG_PATH": "/a:/b/:/c"},
+    {"JUPYTER_PREFER_ENV_PATH": "1"}, {"JUPYTER_PREFER_ENV_PATH": "0", "JUPYTER_CONFIG_PATH": "/x"},
+    {"CONDA_PREFIX": sys.prefix, "CONDA_DEFAULT_ENV": "myenv"}, {"HOME": "/nonexistent-home"},
+])
+def test_the_warm_path_checks_every_dir_jupyter_core_would(monkeypatch, variables):
+    """The warm path's own list of config dirs (no jupyter_core import) covers jupyter_core's."""
+    from jupyter_core.paths import jupyter_config_path
+
+    for name in ("JUPYTER_CONFIG_DIR", "JUPYTER_CONFIG_PATH", "JUPYTER_PREFER_ENV_PATH", "JUPYTER_PLATFORM_DIRS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert set(jupyter_config_path()) <= envvars.config_dirs_by_rule()
+
+
 def test_a_config_file_that_names_kernelprov_is_loaded(jp_environ, jp_env_config_path):
     jp_env_config_path.mkdir(parents=True, exist_ok=True)
     (jp_env_config_path / "jupyter_server_config.py").write_text("c.ServerApp.open_browser = False\n")
@@ -61,8 +77,14 @@ def test_a_config_file_that_names_kernelprov_is_loaded(jp_environ, jp_env_config
 def test_warm_unpack_imports_no_traitlets_and_answers_the_same(cli, tiny_archives, cache_root, jp_environ):
     status, out, _ = cli("unpack", "--quiet", str(tiny_archives["tar.zst"]))
     assert status == 0
-    probe = ("import sys; from kernelprov.cli.app import main; code = main(sys.argv[1:]); "
-             "assert 'traitlets' not in sys.modules and 'argparse' not in sys.modules, sorted(sys.modules); "
+    # What only a cold stage, another command or the full config loader needs stays unloaded.
+    heavy = ("traitlets", "argparse", "jupyter_core", "jupyter_client", "hashlib", "shutil", "typing", "tarfile",
+             "zstandard", "dataclasses", "rich", "kernelprov.config", "kernelprov.engine.extract",
+             "kernelprov.engine.unpack", "kernelprov.engine.image", "kernelprov.engine.image_stage",
+             "kernelprov.engine.space", "kernelprov.engine.formats", "kernelprov.engine.manifest",
+             "kernelprov.cli.kernel_commands")
+    probe = (f"import sys; HEAVY = {heavy!r}; from kernelprov.cli.app import main; code = main(sys.argv[1:]); "
+             "heavy = [m for m in HEAVY if m in sys.modules]; assert not heavy, heavy; "
              "sys.exit(code)")
     again = subprocess.run([sys.executable, "-c", probe, "unpack", "--quiet", str(tiny_archives["tar.zst"])],
                            capture_output=True, text=True)

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from ..errors import KernelprovError
-from . import arguments, cache_commands, kernel_commands
+from . import arguments
 
 log = logging.getLogger("kernelprov")
 
@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = arguments.fast_unpack_args(argv) or arguments.parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="kernelprov: %(message)s")
     try:
-        return _COMMANDS[args.command](args) or 0
+        return _command(args.command)(args) or 0
     except KernelprovError as err:
         if args.debug:
             log.exception("failed")
@@ -43,17 +43,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _doctor(args) -> int:
-    # Imported on use: doctor imports jupyter_client, which the warm `unpack` must not load.
-    from .doctor import run_doctor
+def _command(name: str):
+    """The function that runs command ``name``, its module imported only now: the warm ``unpack``
+    that ``run.sh`` runs at every kernel start loads none of the others' imports (doctor's
+    jupyter_client, install's shutil and kernelspecs)."""
+    import importlib
 
-    return run_doctor(args)
-
-
-def _demo(args) -> int:
-    from .demo import run_demo
-
-    return run_demo(cache_dir=args.cache_dir)
+    module, function = _COMMANDS[name]
+    return getattr(importlib.import_module(module, __package__), function)
 
 
 def run() -> None:
@@ -61,13 +58,14 @@ def run() -> None:
     sys.exit(main())
 
 
+#: Every command: the module (relative to this package) and function that run it.
 _COMMANDS = {
-    "install": kernel_commands.install,
-    "pack": kernel_commands.pack,
-    "list": kernel_commands.list_kernels,
-    "remove": kernel_commands.remove,
-    "unpack": cache_commands.unpack,
-    "cache": cache_commands.cache,
-    "doctor": _doctor,
-    "demo": _demo,
+    "install": (".kernel_commands", "install"),
+    "pack": (".kernel_commands", "pack"),
+    "list": (".kernel_commands", "list_kernels"),
+    "remove": (".kernel_commands", "remove"),
+    "unpack": (".cache_commands", "unpack"),
+    "cache": (".cache_commands", "cache"),
+    "doctor": (".doctor", "run_doctor"),
+    "demo": (".demo", "run_demo_command"),
 }

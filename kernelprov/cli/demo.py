@@ -56,6 +56,11 @@ async def _start_and_run(kernel_name: str) -> tuple[float, str, object]:
         await km.shutdown_kernel(now=True)
 
 
+def run_demo_command(args) -> int:
+    """``kernelprov demo [--cache-dir DIR]``, called by :func:`kernelprov.cli.app.main`."""
+    return run_demo(cache_dir=args.cache_dir)
+
+
 def run_demo(cache_dir: str | None = None) -> int:
     """Run the demo end to end; return the exit status. ``cache_dir`` overrides the cache root.
 

@@ -30,7 +30,6 @@ alone needs (:mod:`shutil`, :mod:`.image`'s mount checks) is imported where it i
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -46,6 +45,16 @@ from .leases import LEASE_GRACE_SECONDS, count_leases, lease_dir, prune_leases  
 from .locks import KeyLock, LockTimeout, key_lock  # noqa: F401
 from .records import progress_name, read_progress  # noqa: F401
 from .securedir import PrivateDir, as_private, open_private_dir, private_dir_in, user_name  # noqa: F401
+
+# The key's sha256 without hashlib: importing hashlib loads OpenSSL (~4 ms of a ~60 ms warm start
+# that run.sh pays at every kernel start); CPython's builtin sha256 gives the same digest.
+try:
+    from _sha2 import sha256 as _sha256  # CPython >= 3.12
+except ImportError:
+    try:
+        from _sha256 import sha256 as _sha256  # CPython <= 3.11
+    except ImportError:  # pragma: no cover - an interpreter without the builtin
+        from hashlib import sha256 as _sha256
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +116,7 @@ def archive_key(archive: Path, st: os.stat_result) -> str:
 
 def short_hash(identity: str) -> str:
     """A cache key: the first hex digits of ``identity``'s sha256."""
-    return hashlib.sha256(identity.encode()).hexdigest()[:_KEY_LENGTH]
+    return _sha256(identity.encode()).hexdigest()[:_KEY_LENGTH]
 
 
 class CacheEntry:
