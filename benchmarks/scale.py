@@ -11,7 +11,9 @@ right after they are measured):
   RSS comes from ``wait4``'s ``getrusage`` (so it is the stage's own, not this script's);
 * **cp -a** of the staged tree on the same disk: the floor of creating this many files;
 * GNU ``tar -I zstd -xf`` (the ``.tar.zst``), the **manual recipe** ``tar -xzf`` + ``conda-unpack``,
-  ``bsdtar -xf`` (the ``.tar.zst``) and ``unsquashfs`` of a squashfs image of the same env.
+  ``bsdtar -xf`` (the ``.tar.zst``) and ``unsquashfs`` of a squashfs image of the same env;
+* with ``--image``, **kernelprov image mode cold**: ``kernelprov unpack`` of ``kernelprov pack
+  --format squashfs``'s image (copy + mount with squashfuse, or unsquashfs where FUSE is missing).
 
 It prints medians, time per file and the issue's ratios: stage ``.tar.zst`` / ``cp -a`` ≤ 1.3 at
 every size, time per file at the largest size within 1.2x of the smallest, stage peak RSS ≤
@@ -92,6 +94,10 @@ class Target:
         return path
 
     def remove(self, path: Path) -> None:
+        # An image-mode stage left a mount (or an unsquashfs'd tree at the image's baked mount
+        # point): `kernelprov cache clean` takes it down, as an admin would. Never timed.
+        subprocess.run([sys.executable, "-m", "kernelprov", "cache", "clean", "--cache-dir", str(path)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
         shutil.rmtree(path, ignore_errors=True)
         subprocess.run(["sync"])
 
@@ -99,10 +105,10 @@ class Target:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def measure_size(size: str, targets: list[Path], reps: int) -> dict:
+def measure_size(size: str, targets: list[Path], reps: int, image_mode: bool = False) -> dict:
     prefix = scale_env(size)
     files, others, nbytes = tree_stats(prefix)
-    packed = archives(size, prefix)
+    packed = archives(size, prefix, ("tar.zst", "tar.gz", "squashfs") if image_mode else ("tar.zst", "tar.gz"))
     image = squashfs_image(size, prefix)
     say(f"\n{size} env: {files} files + {others} dirs/links, {nbytes / 1e9:.2f} GB; archives: "
         + ", ".join(f"{fmt} {p.stat().st_size / 1e6:.0f} MB" for fmt, p in packed.items())
@@ -143,6 +149,8 @@ def measure_size(size: str, targets: list[Path], reps: int) -> dict:
             }
             if shutil.which("bsdtar"):
                 variants["bsdtar -xf .tar.zst"] = shell(f"bsdtar -xf '{packed['tar.zst']}' -C '{{dest}}'")
+            if "squashfs" in packed:
+                variants["kernelprov image mode cold (.squashfs)"] = stage("squashfs")
             if image:
                 variants["unsquashfs (zstd image)"] = shell(f"unsquashfs -q -n -d '{{dest}}/env' '{image}' >/dev/null")
             for rep in range(reps):
@@ -206,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--clean", action="append", choices=sorted(SIZES), metavar="SIZE",
                         help="remove the cached env and archives of SIZE and exit")
+    parser.add_argument("--image", action="store_true",
+                        help="also stage in image mode (packs a squashfs image per size first: minutes at 300k)")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="where the JSON goes")
     args = parser.parse_args(argv)
     if args.clean:
@@ -214,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"removed the {size} env and its archives")
         return 0
     targets = [t.absolute() for t in (args.target or [Path("/dev/shm"), Path("/var/tmp")])]
-    results = [measure_size(size, targets, args.reps) for size in (args.size or ["25k", "100k"])]
+    results = [measure_size(size, targets, args.reps, args.image) for size in (args.size or ["25k", "100k"])]
     report(results)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"scale-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -102,8 +102,9 @@ def archive_dir(size: str) -> Path:
 
 
 def archives(size: str, prefix: Path, formats=("tar.zst", "tar.gz")) -> dict[str, Path]:
-    """``kernelprov pack``'s ``.tar.zst`` and conda-pack's default ``.tar.gz`` of ``size``
-    (packed on first use, timings in ``pack-seconds.json`` beside them)."""
+    """``kernelprov pack``'s ``.tar.zst`` and conda-pack's default ``.tar.gz`` of ``size`` — and,
+    when ``formats`` names it, ``kernelprov pack --format squashfs``'s image-mode image — packed on
+    first use, timings in ``pack-seconds.json`` beside them."""
     out = archive_dir(size)
     out.mkdir(parents=True, exist_ok=True)
     timings_path = out / "pack-seconds.json"
@@ -114,9 +115,9 @@ def archives(size: str, prefix: Path, formats=("tar.zst", "tar.gz")) -> dict[str
             continue
         say(f"  packing {size} {fmt} → {path}")
         started = time.perf_counter()
-        if fmt == "tar.zst":
+        if fmt in ("tar.zst", "squashfs"):  # squashfs: image mode's image, relocated to its baked mount point
             subprocess.run([sys.executable, "-m", "kernelprov", "pack", "--env-prefix", str(prefix), "-o", str(path),
-                            "--force"], check=True, stdout=subprocess.DEVNULL)
+                            "--force", "--format", fmt], check=True, stdout=subprocess.DEVNULL)
         else:
             partial = path.with_name(".partial-" + path.name)
             subprocess.run([sys.executable, "-c", "import sys, conda_pack; conda_pack.pack(prefix=sys.argv[1], "
