@@ -23,7 +23,7 @@ from kernelprov.engine.manifest import manifest_for, write_manifest
 from kernelprov.engine.stage import ensure_staged
 from kernelprov.errors import ArchiveError, human_size
 
-from .tar_bypass_cases import file, header
+from .tar_bypass_cases import file, header, pax
 
 MiB = 1 << 20
 
@@ -121,6 +121,57 @@ def test_a_flood_of_empty_entries_counts_against_the_ceiling(tmp_path):
         extract(archive, dest, limits=unpack_limits(archive.stat().st_size, ceiling=MiB))
 
     assert len(list(dest.rglob("*"))) <= MiB // 512 + 1
+
+
+_STAGE_IN_A_CHILD = """
+import sys
+from pathlib import Path
+from kernelprov.engine.stage import ensure_staged
+from kernelprov.errors import ArchiveError
+try:
+    ensure_staged(Path(sys.argv[1]), cache_root=sys.argv[2])
+except ArchiveError as err:
+    print(err)
+    sys.exit(3)
+"""
+
+
+def _peak_rss_of(argv: list[str]) -> tuple[int, str, int]:
+    """Run ``argv``; (exit status, stdout, the child's own peak RSS in bytes from wait4)."""
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    out = child.stdout.read()
+    _pid, status, usage = os.wait4(child.pid, 0)
+    child.stdout.close()
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return child.returncode, out, usage.ru_maxrss * 1024
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["deep", "long"])
+def test_names_cannot_grow_the_stages_memory_without_bound(shape, tmp_path):
+    """Each member a ~4 KB name: 1,900 nested directories that exist for it alone ("deep": their
+    names in memory grow with the square of the depth, ~4 MB per member) or one long name in a
+    shared deep dir ("long"). Both are small archives well inside the byte ceiling; before the
+    bookkeeping bound, "deep" took ~1 GB of memory at 250 members and "long" ~380 MB at 80,000.
+    Now the child's stage is refused with one sentence, its peak RSS stays under 256 MiB, and the
+    1,900-deep half-made tree is removed (``shutil.rmtree`` of CPython 3.11 died of
+    RecursionError on it and left it behind)."""
+    if shape == "deep":
+        names = ("/".join([f"m{i}"] + ["d"] * 1900) + "/f" for i in range(250))
+    else:
+        shared = "/".join(["e" * 250] * 14)
+        names = (f"{shared}/{i:0240d}" for i in range(80_000))
+    archive = _zstd_tar(tmp_path / f"{shape}.tar.zst",
+                        (block for name in names for block in (pax({"path": name}), header("x", b"0", 0))))
+    assert archive.stat().st_size < 8 * MiB
+    dest = tmp_path / "dest"
+    dest.mkdir()
+
+    status, out, peak = _peak_rss_of([sys.executable, "-c", _STAGE_IN_A_CHILD, str(archive), str(dest)])
+
+    assert status == 3 and "need more than 134 MB of memory to unpack safely" in out, (status, out)
+    assert peak < 256 * MiB, f"peak RSS {peak / MiB:.0f} MiB"
+    assert _no_staging_left(dest) and list(dest.glob("kernelprov-*")), list(dest.rglob("*"))[:5]
 
 
 @pytest.mark.parametrize("lie", ["unpacked_bytes", "members"])

@@ -44,7 +44,7 @@ from ..errors import CacheError
 from .leases import LEASE_GRACE_SECONDS, count_leases, lease_dir, prune_leases  # noqa: F401
 from .locks import KeyLock, LockTimeout, key_lock  # noqa: F401
 from .records import progress_name, read_progress  # noqa: F401
-from .securedir import PrivateDir, as_private, open_private_dir, private_dir_in, user_name  # noqa: F401
+from .securedir import PrivateDir, as_private, open_private_dir, private_dir_in, remove_tree, user_name  # noqa: F401
 
 # The key's sha256 without hashlib: importing hashlib loads OpenSSL (~4 ms of a ~60 ms warm start
 # that run.sh pays at every kernel start); CPython's builtin sha256 gives the same digest.
@@ -318,9 +318,7 @@ def remove_name(user_dir: PrivateDir, name: str) -> bool:
     except FileNotFoundError:
         return False
     if stat.S_ISDIR(st.st_mode):
-        import shutil  # eviction only (it imports the compression modules)
-
-        shutil.rmtree(name, dir_fd=user_dir.fd, onerror=lambda *args: log.warning("could not remove %s: %s", args[1], args[2][1]))
+        remove_tree(user_dir.fd, name)
     else:
         os.unlink(name, dir_fd=user_dir.fd)
     return True

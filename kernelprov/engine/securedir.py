@@ -293,3 +293,66 @@ def _own_fallbacks(root_fd: int, base: str) -> list[str]:
             if _private_problem(st) is None:
                 names.append(entry.name)
     return sorted(names)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def remove_tree(dir_fd: int, name: str) -> None:
+    """Remove the directory ``name`` of ``dir_fd`` and everything under it, never following a
+    symlink, holding one directory fd at a time, without recursion.
+
+    Called by :func:`.cache.remove_name` for every tree the engine removes (a refused or failed
+    stage's staging dir, an evicted env). Why not ``shutil.rmtree``: on CPython < 3.12 it recurses
+    once per directory level, and an archive may nest 2,000 directories (a 4,095-byte name of
+    one-letter parts), so its cleanup died of ``RecursionError`` and left the half-made tree behind.
+    Each directory is listed once; the names still to visit are kept per level (bounded by the
+    tree's directory count, which the extraction's bookkeeping bound limits). What cannot be
+    removed is logged and left; the caller's own check says whether the name is gone."""
+    fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    # One level per open directory: [its name in its parent, the subdirectories still to visit].
+    levels: list[tuple[str, list[str]]] = [(name, _empty_files_of(fd))]
+    while True:
+        pending = levels[-1][1]
+        if pending:
+            child = pending.pop()
+            try:
+                child_fd = os.open(child, _DIR_FLAGS, dir_fd=fd)
+            except OSError as err:
+                log.warning("could not remove %s: %s", child, err.strerror)
+                continue
+            os.close(fd)
+            fd = child_fd
+            levels.append((child, _empty_files_of(fd)))
+            continue
+        done, _ = levels.pop()
+        if not levels:
+            os.close(fd)
+            _rmdir(done, dir_fd)
+            return
+        parent_fd = os.open("..", _DIR_FLAGS, dir_fd=fd)
+        os.close(fd)
+        fd = parent_fd
+        _rmdir(done, fd)
+
+
+def _empty_files_of(fd: int) -> list[str]:
+    """Unlink every non-directory in the open directory ``fd``; return its subdirectories' names."""
+    subdirs = []
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    subdirs.append(entry.name)
+                else:
+                    os.unlink(entry.name, dir_fd=fd)
+            except OSError as err:
+                log.warning("could not remove %s: %s", entry.name, err.strerror)
+    return subdirs
+
+
+def _rmdir(name: str, dir_fd: int) -> None:
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except OSError as err:
+        log.warning("could not remove %s: %s", name, err.strerror)

@@ -22,6 +22,17 @@ from ..errors import ArchiveError, human_size
 #: Linux's limits on a whole path and on one of its components, in bytes.
 _PATH_MAX, _NAME_MAX = 4095, 255
 
+#: What one extraction may keep in memory to know what it wrote (:attr:`TreeWriter.dirs`,
+#: ``symlinks``, :attr:`ExtractResult.files` — needed to refuse a member that replaces a
+#: directory, is written through a link or file, or hard-links to anything but a file already
+#: written, and to restore ``.py`` mtimes after relocation): every entry, explicit or a parent
+#: directory made for one, costs its name's length plus :data:`BOOKKEEPING_PER_ENTRY` (CPython's
+#: str and set/dict slot). A real env of 300,000 files needs ~60 MB of it (337,785 entries, 32 MB
+#: of names); 128 MiB takes ~690,000 such files, and bounds a hostile archive of long or deeply
+#: nested names, which would otherwise grow the stage's memory with the square of a name's depth.
+MAX_BOOKKEEPING_BYTES = 128 << 20
+BOOKKEEPING_PER_ENTRY = 96
+
 
 @dataclass
 class ExtractResult:
@@ -105,18 +116,32 @@ class TreeWriter:
         self.umask = _current_umask()
         self.limits = UnpackLimits()
         self.charged = 0  # bytes counted against limits.max_bytes so far
+        self.bookkeeping = 0  # bytes counted against MAX_BOOKKEEPING_BYTES so far
 
     def _refuse(self, member: Member, why: str) -> ArchiveError:
         return ArchiveError(f"Refusing {self.archive}: member {shown(member.name)} {why}.")
 
     def _charge(self, member: Member) -> None:
         """Count ``member`` against the limits before anything of it is written."""
+        if len(member.name) + len(self.root) >= _PATH_MAX and too_long(f"{self.root}/{member.name}"):
+            # Legal in the archive, but not under this staging dir: say so, not ENAMETOOLONG.
+            raise self._refuse(member, f"has a name too long to unpack under {self.root}")
         limits = self.limits
         self.charged += member.size + limits.entry_cost
         if (limits.max_members is not None and self.result.members > limits.max_members) or (
             limits.max_bytes is not None and self.charged > limits.max_bytes
         ):
             raise ArchiveError(f"Refusing {self.archive}: it unpacks to more than {limits.recorded}; {limits.remedy}.")
+        self._keep(member.name)
+
+    def _keep(self, name: str) -> None:
+        """Count one entry that will be remembered (a member, or a parent directory made for one)."""
+        self.bookkeeping += len(name) + BOOKKEEPING_PER_ENTRY
+        if self.bookkeeping > MAX_BOOKKEEPING_BYTES:
+            raise ArchiveError(
+                f"Refusing {self.archive}: its {self.result.members:,}+ entries and their names need more than "
+                f"{human_size(MAX_BOOKKEEPING_BYTES)} of memory to unpack safely (an environment of 300,000 files "
+                "needs about 60 MB); if it is a genuine environment, split it into smaller ones.")
 
     def _ensure_parent(self, member: Member) -> str:
         parent = posixpath.dirname(member.name)
@@ -128,6 +153,13 @@ class TreeWriter:
             missing.append(probe)
             probe = posixpath.dirname(probe)
         for directory in reversed(missing):
+            # Made for the member, not by one: charged like one, or a single deep name would make
+            # thousands of directories (and their names in memory) for the price of one entry.
+            self.charged += self.limits.entry_cost
+            if self.limits.max_bytes is not None and self.charged > self.limits.max_bytes:
+                raise ArchiveError(f"Refusing {self.archive}: it unpacks to more than {self.limits.recorded}; "
+                                   f"{self.limits.remedy}.")
+            self._keep(directory)
             os.mkdir(os.path.join(self.root, directory), 0o700)
             self.dirs[directory] = (0o755, 0.0)
         return os.path.join(self.root, member.name)
