@@ -129,8 +129,9 @@ def archives(size: str, prefix: Path, formats=("tar.zst", "tar.gz")) -> dict[str
         timings_path.write_text(json.dumps(timings))
     from kernelprov.engine.pack import describe_archive
 
-    for path in wanted.values():
-        describe_archive(path)  # conda-pack's archive gets its manifest as `install --archive` writes it
+    for fmt, path in wanted.items():
+        if fmt == "tar.gz":  # conda-pack's archive gets its manifest as `install --archive` writes it
+            describe_archive(path)  # (kernelprov pack wrote its own: the image's names its mount point)
     return wanted
 
 
