@@ -247,6 +247,44 @@ def test_the_panel_shows_each_slurm_kernels_job_node_and_state(slurm_run):
         assert job["description"].startswith("Running")
 
 
+def test_the_panel_in_a_browser_shows_the_slurm_job_node_and_state(slurm_run):
+    """The same, as a researcher sees it: JupyterLab on the user's own server (chromium, driven by
+    Playwright), the Environments panel's row of the Slurm kernel, expanded: "Slurm job N: Running
+    on NODE" for the running kernel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .test_panel import CHROMIUM_FLAGS, TIMEOUT_MS, _chromium, _expand, _open_panel, _row
+
+    _cluster, servers, _archive, results = slurm_run
+    user = USERS[0]
+    server, job, node = servers[user], results[user]["job"], results[user]["node"]
+    chromium = _chromium()
+
+    def look() -> tuple[str, str]:
+        # Playwright's sync API wants a thread without an asyncio loop (pytest-jupyter owns this one's).
+        from playwright.sync_api import expect, sync_playwright
+
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 800})
+                page.set_default_timeout(TIMEOUT_MS)
+                expect.set_options(timeout=TIMEOUT_MS)
+                page.goto(f"http://127.0.0.1:{server.port}/lab?reset&token={server.token}")
+                page.locator("#jp-main-dock-panel").wait_for()
+                row = _row(_open_panel(page), KERNEL)
+                details = _expand(row)
+                shown = details.locator(".jp-kernelprov-slurmJob").first
+                expect(shown).to_contain_text(f"Slurm job {job}: Running on {node}")
+                return shown.inner_text()
+            finally:
+                browser.close()
+
+    with ThreadPoolExecutor(1) as thread:
+        job_line = thread.submit(look).result(timeout=300)
+    assert job_line.strip() == f"Slurm job {job}: Running on {node}", job_line
+
+
 def test_each_kernel_runs_from_its_users_env_staged_on_that_nodes_local_disk(slurm_run):
     cluster, _servers, archive, results = slurm_run
     for user in USERS:

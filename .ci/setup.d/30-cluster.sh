@@ -13,8 +13,9 @@ cd "$(dirname "$0")/../.."
 
 CI_ROOT=${KERNELPROV_CI_ROOT:-/opt/kernelprov-ci}
 VENV=$CI_ROOT/venv
-# What the shared venv holds besides kernelprov; bump CLUSTER_REQUIREMENTS to change it.
-CLUSTER_REQUIREMENTS="jupyterhub>=5,<7 batchspawner==1.3.0 jupyter_server>=2.10"
+# What the shared venv holds besides kernelprov (JupyterLab: the Slurm test opens the panel in a
+# browser on a user's server); bump CLUSTER_REQUIREMENTS to change it.
+CLUSTER_REQUIREMENTS="jupyterhub>=5,<7 batchspawner==1.3.0 jupyter_server>=2.10 jupyterlab>=4.2,<5"
 APT_PACKAGES="slurm-wlm munge python3-venv iproute2"
 CHECK_ONLY=0
 [ "${1:-}" = "--check" ] && CHECK_ONLY=1
