@@ -64,7 +64,7 @@ def squashfs_image(size: str, prefix: Path) -> Path | None:
     """A squashfs image of the env (zstd level 3, like the .tar.zst), cached with the archives."""
     if not shutil.which("mksquashfs"):
         return None
-    path = archive_dir(size) / "env.squashfs"
+    path = archive_dir(size) / "reference.squashfs"  # env.squashfs is kernelprov pack's image-mode image
     if not path.is_file():
         say(f"  mksquashfs {size} → {path}")
         partial = path.with_name(".partial-" + path.name)
@@ -112,7 +112,7 @@ def measure_size(size: str, targets: list[Path], reps: int, image_mode: bool = F
     image = squashfs_image(size, prefix)
     say(f"\n{size} env: {files} files + {others} dirs/links, {nbytes / 1e9:.2f} GB; archives: "
         + ", ".join(f"{fmt} {p.stat().st_size / 1e6:.0f} MB" for fmt, p in packed.items())
-        + (f", squashfs {image.stat().st_size / 1e6:.0f} MB" if image else ""))
+        + (f", mksquashfs image {image.stat().st_size / 1e6:.0f} MB" if image else ""))
     python = sys.executable
     result = {"size": size, "files": files, "others": others, "bytes": nbytes, "targets": {}}
     for root in targets:
