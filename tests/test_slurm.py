@@ -388,7 +388,7 @@ def test_restart_after_the_job_was_cancelled_submits_a_new_job(slurm_run):
     run(["scancel", before["job"]], env=cluster.env())
     status, _ = server.api("POST", f"/kernels/{before['kernel_id']}/restart")
     assert status == 200, status
-    after = wait_for(lambda: _probe_new_job(server, before["kernel_id"], before["job"]), 120,
+    after = wait_for(lambda: _probe_changed(server, before["kernel_id"], "job", before["job"]), 120,
                      "the kernel to run in a new job")
     assert after["prefix"] == before["prefix"] and after["user"] == user
     active = [job for job, info in _user_jobs(cluster, user).items() if info["state"] in ("PENDING", "RUNNING")]
@@ -495,7 +495,7 @@ def test_a_kernel_that_dies_is_reported_and_restarted_in_its_job(slurm_run):
     back = f"kernel {kernel_id} runs on {results[user]['node']} ("
     wait_for(lambda: any(back in line and "restart 1 in the job" in line for line in
                          server.daemon.log.read_text().splitlines()), 60, "the kernel to come back")
-    after = wait_for(lambda: _probe_new_pid(server, kernel_id, results[user]["pid"]), 60, "the new kernel to answer")
+    after = wait_for(lambda: _probe_changed(server, kernel_id, "pid", results[user]["pid"]), 60, "the new kernel to answer")
     assert (after["job"], after["node"]) == (job, results[user]["node"]), f"not restarted in its job: {after}"
     assert list(_user_jobs(cluster, user)) == [job]
     results[user].update(pid=after["pid"])
@@ -509,28 +509,21 @@ def test_a_kernel_whose_job_is_cancelled_is_reported_and_resubmitted(slurm_run):
     expected = f"Slurm job {job} ended while the kernel ran"
     wait_for(lambda: expected in server.daemon.log.read_text(), 60, "the server to report the ended job")
     # jupyter_server's restarter brings the kernel back: in a new job, from the same staged env.
-    after = wait_for(lambda: _probe_new_job(server, kernel_id, job), 120, "the kernel to come back in a new job")
+    after = wait_for(lambda: _probe_changed(server, kernel_id, "job", job), 120, "the kernel to come back in a new job")
     assert after["prefix"] == results[user]["prefix"] and after["user"] == user
     active = [j for j, info in _user_jobs(cluster, user).items() if info["state"] == "RUNNING"]
     assert active == [after["job"]]
 
 
-def _probe_new_pid(server: Server, kernel_id: str, old_pid: int) -> dict | None:
+def _probe_changed(server: Server, kernel_id: str, field: str, old) -> dict | None:
+    """The kernel's probe once its ``field`` ("pid", "job") differs from ``old``, else None."""
     try:
         found = server.probe(kernel_id)
     except (OSError, TimeoutError, AssertionError, StopIteration, ValueError) as err:
         print(f"probe: {err!r}")
         return None
-    return found if found["pid"] != old_pid else None
+    return found if found[field] != old else None
 
-
-def _probe_new_job(server: Server, kernel_id: str, old_job: str) -> dict | None:
-    try:
-        found = server.probe(kernel_id)
-    except (OSError, TimeoutError, AssertionError, StopIteration, ValueError) as err:
-        print(f"probe: {err!r}")
-        return None
-    return found if found["job"] != old_job else None
 
 
 def test_a_stopped_server_leaves_no_job_behind(slurm_run):

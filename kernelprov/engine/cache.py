@@ -119,27 +119,14 @@ def short_hash(identity: str) -> str:
     return _sha256(identity.encode()).hexdigest()[:_KEY_LENGTH]
 
 
-class CacheEntry:
-    """One staged env as recorded by its marker; returned by :func:`read_marker` and :func:`entries`.
+class SlotRecord:
+    """Equality and repr from ``__slots__``, as a dataclass gives them: the base of the engine's
+    records that every warm start makes (:class:`CacheEntry`, :class:`.stage.StagedEnv`), where
+    importing :mod:`dataclasses` (and building the class) cost more than everything else the
+    start does. Mutable, so unhashable, as those dataclasses were."""
 
-    A plain class rather than a dataclass: every warm start makes one, and importing
-    :mod:`dataclasses` (and building the class) cost it more than everything else it does. It
-    compares and prints like the dataclass it was.
-    """
-
-    __slots__ = ("key", "prefix", "archive", "archive_size", "archive_mtime_ns", "env_bytes", "members", "staged_at",
-                 "last_used", "in_use", "mode", "image_sha256")
-    __hash__ = None  # mutable (in_use is filled in later), so unhashable, as the dataclass was
-
-    def __init__(self, key: str, prefix: Path, archive: str, archive_size: int, archive_mtime_ns: int, env_bytes: int,
-                 members: int, staged_at: float, last_used: float, in_use: int = 0, mode: str = "extracted",
-                 image_sha256: str | None = None):
-        self.key, self.prefix, self.archive = key, prefix, archive
-        self.archive_size, self.archive_mtime_ns = archive_size, archive_mtime_ns
-        self.env_bytes, self.members, self.staged_at, self.last_used = env_bytes, members, staged_at, last_used
-        self.in_use = in_use  # running kernels holding a lease; filled in by entries() and count_leases()
-        self.mode = mode  # or "mounted": a squashfs image under squashfuse
-        self.image_sha256 = image_sha256  # image mode: which image the baked mount point serves
+    __slots__ = ()
+    __hash__ = None
 
     def _fields(self) -> tuple:
         return tuple(getattr(self, name) for name in self.__slots__)
@@ -150,7 +137,23 @@ class CacheEntry:
         return self._fields() == other._fields()
 
     def __repr__(self) -> str:
-        return f"CacheEntry({', '.join(f'{name}={getattr(self, name)!r}' for name in self.__slots__)})"
+        return f"{type(self).__name__}({', '.join(f'{name}={getattr(self, name)!r}' for name in self.__slots__)})"
+
+
+class CacheEntry(SlotRecord):
+    """One staged env as recorded by its marker; returned by :func:`read_marker` and :func:`entries`."""
+
+    __slots__ = ("key", "prefix", "archive", "archive_size", "archive_mtime_ns", "env_bytes", "members", "staged_at",
+                 "last_used", "in_use", "mode", "image_sha256")
+    def __init__(self, key: str, prefix: Path, archive: str, archive_size: int, archive_mtime_ns: int, env_bytes: int,
+                 members: int, staged_at: float, last_used: float, in_use: int = 0, mode: str = "extracted",
+                 image_sha256: str | None = None):
+        self.key, self.prefix, self.archive = key, prefix, archive
+        self.archive_size, self.archive_mtime_ns = archive_size, archive_mtime_ns
+        self.env_bytes, self.members, self.staged_at, self.last_used = env_bytes, members, staged_at, last_used
+        self.in_use = in_use  # running kernels holding a lease; filled in by entries() and count_leases()
+        self.mode = mode  # or "mounted": a squashfs image under squashfuse
+        self.image_sha256 = image_sha256  # image mode: which image the baked mount point serves
 
     @property
     def name(self) -> str:

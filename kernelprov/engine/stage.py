@@ -39,15 +39,10 @@ DEFAULT_LOCK_TIMEOUT = 1800.0
 ProgressCallback = Callable[[int, int], None]
 
 
-class StagedEnv:
-    """A published env ready to run kernels: returned by :func:`ensure_staged`.
-
-    A plain class, not a dataclass, for the same reason as :class:`.cache.CacheEntry` (the warm
-    start); it compares and prints like one.
-    """
+class StagedEnv(cache.SlotRecord):
+    """A published env ready to run kernels: returned by :func:`ensure_staged`."""
 
     __slots__ = ("prefix", "key", "archive", "extracted", "seconds", "lease")
-    __hash__ = None
 
     def __init__(self, prefix: Path, key: str, archive: Path, extracted: bool, seconds: float, lease: Path | None = None):
         self.prefix, self.key, self.archive = prefix, key, archive
@@ -55,17 +50,6 @@ class StagedEnv:
         self.seconds = seconds
         #: The lease taken for the caller (``lease=`` of :func:`ensure_staged`), else None
         self.lease = lease
-
-    def _fields(self) -> tuple:
-        return tuple(getattr(self, name) for name in self.__slots__)
-
-    def __eq__(self, other):
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return self._fields() == other._fields()
-
-    def __repr__(self) -> str:
-        return f"StagedEnv({', '.join(f'{name}={getattr(self, name)!r}' for name in self.__slots__)})"
 
     @property
     def python(self) -> Path:
