@@ -13,6 +13,7 @@ change. ``--clean`` of the scripts removes both.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -92,8 +93,10 @@ def scale_env(size: str) -> Path:
     return prefix
 
 
+@functools.cache
 def archive_dir(size: str) -> Path:
-    """Where the archives of ``size`` are cached: keyed by the env build and pack.py's source."""
+    """Where the archives of ``size`` are cached: keyed by the env build and pack.py's source
+    (read once per run, so an edit to pack.py during a run cannot split its archives)."""
     import kernelprov.engine.pack
 
     code = hashlib.sha256(inspect.getsource(kernelprov.engine.pack).encode()).hexdigest()[:8]

@@ -8,6 +8,8 @@ to the same answers as the full path.
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +81,7 @@ def test_warm_unpack_imports_no_traitlets_and_answers_the_same(cli, tiny_archive
     assert status == 0
     # What only a cold stage, another command or the full config loader needs stays unloaded.
     heavy = ("traitlets", "argparse", "jupyter_core", "jupyter_client", "hashlib", "shutil", "typing", "tarfile",
+             "logging", "threading",
              "zstandard", "dataclasses", "rich", "kernelprov.config", "kernelprov.engine.extract",
              "kernelprov.engine.unpack", "kernelprov.engine.image", "kernelprov.engine.image_stage",
              "kernelprov.engine.space", "kernelprov.engine.formats", "kernelprov.engine.manifest",
@@ -90,3 +93,19 @@ def test_warm_unpack_imports_no_traitlets_and_answers_the_same(cli, tiny_archive
                            capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert Path(again.stdout.strip()) == Path(out.strip())
+
+
+def test_a_warning_on_the_warm_path_is_still_configured(tiny_archives, cache_root, tmp_path):
+    """Logging is configured on the first message (kernelprov.engine.logs), not skipped: a squatted
+    cache dir's warning reaches stderr in the CLI's format from ``python -m kernelprov unpack``."""
+    decoy = tmp_path / "decoy"
+    decoy.mkdir()
+    squatted = cache_root / f"kernelprov-{pwd.getpwuid(os.getuid()).pw_name}"
+    squatted.symlink_to(decoy)
+    done = subprocess.run([sys.executable, "-I", "-m", "kernelprov", "unpack", "--quiet", str(tiny_archives["tar.zst"])],
+                          capture_output=True, text=True, env=dict(os.environ, KERNELPROV_CACHE_DIR=str(cache_root)))
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()  # (this tiny archive's "no manifest" warning comes next)
+    assert lines[0] == f"kernelprov: kernelprov cache directory {squatted} is a symbolic link; not using it"
+    assert all(line.startswith("kernelprov: ") for line in lines), lines
+    assert Path(done.stdout.strip()).parent.name.startswith(squatted.name + ".") and os.listdir(decoy) == []

@@ -13,14 +13,14 @@ is callable from tests. The commands live in the modules named for what they act
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Sequence
 
+from ..engine import logs
 from ..errors import KernelprovError
 from . import arguments
 
-log = logging.getLogger("kernelprov")
+log = logs.get_logger("kernelprov")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,7 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     by tests. A plain ``unpack`` command line skips argparse (:func:`.arguments.fast_unpack_args`)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = arguments.fast_unpack_args(argv) or arguments.parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="kernelprov: %(message)s")
+    # Configured on the first message: a warm unpack logs nothing and never imports logging.
+    logs.configure_on_first_message(level=10 if args.debug else 30, format="kernelprov: %(message)s")  # DEBUG, WARNING
     try:
         return _command(args.command)(args) or 0
     except KernelprovError as err:

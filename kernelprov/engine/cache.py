@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import stat
 import time
@@ -43,6 +42,7 @@ from ..errors import CacheError
 # always found here stay reachable here.
 from .leases import LEASE_GRACE_SECONDS, count_leases, lease_dir, prune_leases  # noqa: F401
 from .locks import KeyLock, LockTimeout, key_lock  # noqa: F401
+from .logs import get_logger
 from .records import progress_name, read_progress  # noqa: F401
 from .securedir import PrivateDir, as_private, open_private_dir, private_dir_in, remove_tree, user_name  # noqa: F401
 
@@ -56,7 +56,7 @@ except ImportError:
     except ImportError:  # pragma: no cover - an interpreter without the builtin
         from hashlib import sha256 as _sha256
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 CACHE_ROOT_VARIABLES = ("KERNELPROV_CACHE_DIR", "SLURM_TMPDIR", "TMPDIR")
 MARKER_VERSION = 1

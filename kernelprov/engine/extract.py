@@ -21,7 +21,6 @@ nothing is stat'ed twice.
 
 from __future__ import annotations
 
-import logging
 import os
 import posixpath
 import stat
@@ -34,12 +33,13 @@ from typing import BinaryIO, Iterable, Iterator
 
 from ..errors import ArchiveError, human_size
 from .formats import detect_format, is_image
+from .logs import get_logger
 from .streams import (CHUNK, HashingReader, ProgressCallback, ReadAhead, decompression_error_types, decompressor,
                       is_decompression_error)
 from .tarstream import TarEntry, TarFormatError, TarStream, TarUnsafeError
 from .treewriter import ExtractResult, Member, TreeWriter, UnpackLimits, normalise_member_name, too_long
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: The archive member whose bytes hold conda-pack's prefix records (see relocate.py).
 UNPACK_SCRIPT = "bin/conda-unpack"

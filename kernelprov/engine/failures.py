@@ -13,16 +13,16 @@ is bounded and type-checked on read, because the file lives on a node others sha
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import time
 from pathlib import Path
 
 from . import cache
+from .logs import get_logger
 from .records import read_record, write_record
 from .securedir import PrivateDir
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: A record is one sentence and a time stamp: anything longer was not written by kernelprov.
 _MAX_RECORD_BYTES = 8192

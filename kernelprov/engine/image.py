@@ -13,7 +13,6 @@ worker thread, so a hung FUSE daemon can never hang a kernel start.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import shutil
 import stat
@@ -22,9 +21,10 @@ import threading
 from pathlib import Path
 
 from ..errors import ArchiveError, CacheError
+from .logs import get_logger
 from .streams import ProgressCallback
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 _CHUNK = 4 << 20
 #: How long squashfuse may take to mount, and fusermount to unmount (a mount takes ~5 ms).

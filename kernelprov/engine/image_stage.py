@@ -17,7 +17,6 @@ and ``/tmp/kernelprov-<user>`` where neither exists. The marker is written last,
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import secrets
@@ -30,9 +29,10 @@ from ..errors import ArchiveError, CacheError
 from . import cache, image, space
 from .archive import check_unchanged, size_mismatch
 from .extract import ProgressCallback
+from .logs import get_logger
 from .securedir import PrivateDir, private_dir_in, user_name
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 _IMAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,200}\.img")
 

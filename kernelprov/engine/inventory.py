@@ -9,15 +9,15 @@ counted as free here, and removed by the operations that change the cache (:func
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 from ..errors import CacheError, KernelprovError
 from . import cache
 from .formats import detect_format, is_image
+from .logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def user_dirs(cache_root: Path | str | None = None) -> list[cache.PrivateDir]:

@@ -9,7 +9,6 @@ An archive without a manifest still works; it is just not verified.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import time
@@ -18,9 +17,10 @@ from pathlib import Path
 
 from .extract import scan
 from .formats import FORMAT_NAMES
+from .logs import get_logger
 from ..errors import ArchiveError
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 MANIFEST_SUFFIX = ".manifest.json"
 MANIFEST_VERSION = 1

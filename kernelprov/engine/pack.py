@@ -18,7 +18,6 @@ import dataclasses
 import glob
 import io
 import json
-import logging
 import os
 import re
 import struct
@@ -31,12 +30,13 @@ from typing import Iterable
 from ..errors import ArchiveError, PackError
 from .formats import DEFAULT_FORMAT, FORMAT_NAMES, detect_format, format_from_name, is_image, strip_suffix
 from .image_stage import baked_mount_point
+from .logs import get_logger
 from .manifest import Manifest, manifest_for, read_manifest, write_manifest
 from .streams import HashingReader, ReadAhead, decompression_error_types, decompressor
 from .tarstream import TarFormatError, TarStream
 from .treewriter import normalise_member_name
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: What ``kernelprov pack`` writes: every format of the table, all of which conda-pack can write.
 PACK_FORMATS = FORMAT_NAMES

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import stat
-import threading
 import time
 from collections.abc import Callable
 
+from .logs import get_logger
 from .securedir import PrivateDir
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: A stage rewrites its ``<key>.progress`` at most this often (the read-ahead thread reports more).
 PROGRESS_INTERVAL_SECONDS = 0.5
@@ -91,6 +90,8 @@ class ProgressFile:
     """
 
     def __init__(self, user_dir: PrivateDir, key: str, total: int):
+        import threading  # only a stage gets here; the warm path never imports threading
+
         self.user_dir, self.key, self.total = user_dir, key, total
         self.started_at = time.time()
         self._guard = threading.Lock()

@@ -16,7 +16,6 @@ an unchecked hash-based ``.pyc`` of a rewritten source is removed (see
 from __future__ import annotations
 
 import ast
-import logging
 import os
 import posixpath
 import re
@@ -24,10 +23,11 @@ import stat
 from pathlib import Path
 from typing import Callable
 
+from .logs import get_logger
 from .treewriter import normalise_member_name
 from ..errors import RelocateError
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 PrefixRecord = tuple[str, str, str]  # (path relative to the prefix, placeholder, "text"|"binary")
 

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import errno
 import grp
-import logging
 import os
 import pwd
 import stat
 from pathlib import Path
 
 from ..errors import CacheError
+from .logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FALLBACK_HEX = 8  # short: every character of the prefix must fit into relocated binaries

@@ -9,7 +9,6 @@ kernel leases and nobody used in the last few minutes are ever evicted.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import time
 from pathlib import Path
@@ -17,8 +16,9 @@ from typing import Callable
 
 from ..errors import CacheError, human_size
 from . import cache
+from .logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: The size budget never evicts an env used this recently: a kernel may be starting from it.
 BUDGET_MIN_IDLE_SECONDS = 300.0

@@ -17,7 +17,6 @@ disappears in the unpack's (``tests/test_warm_unpack.py`` keeps it so).
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,9 +26,10 @@ from . import cache, failures
 from .archive import check_allowed, stat_archive
 from .leases import write_lease
 from .locks import LockTimeout, key_lock
+from .logs import get_logger
 from .records import ProgressFile
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: How long a start waits for another process that is staging the same archive.
 DEFAULT_LOCK_TIMEOUT = 1800.0

@@ -8,7 +8,6 @@ nothing that a later start would trust (:func:`.cache.remove_unpublished` clears
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -16,10 +15,11 @@ from ..errors import ArchiveError, CacheError
 from . import cache, space
 from .archive import check_unchanged, not_a_conda_env, size_mismatch
 from .extract import ProgressCallback, extract, unpack_limits
+from .logs import get_logger
 from .manifest import read_manifest
 from .relocate import read_prefix_records, relocate
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def stage_tree(archive: Path, st: os.stat_result, user_dir: Path, key: str, progress: ProgressCallback | None,
