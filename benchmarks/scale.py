@@ -8,7 +8,8 @@ right after they are measured):
 
 * **kernelprov stage** of ``kernelprov pack``'s ``.tar.zst`` and of conda-pack's default
   ``.tar.gz``: ``python -m kernelprov unpack --cache-dir <fresh>`` in a child process, whose peak
-  RSS comes from ``wait4``'s ``getrusage`` (so it is the stage's own, not this script's);
+  RSS comes from ``wait4``'s ``getrusage`` in a small helper process that starts it (so it is the
+  stage's own, not this script's: a child inherits its parent's high-water mark);
 * **cp -a** of the staged tree on the same disk: the floor of creating this many files;
 * GNU ``tar -I zstd -xf`` (the ``.tar.zst``), the **manual recipe** ``tar -xzf`` + ``conda-unpack``,
   ``bsdtar -xf`` (the ``.tar.zst``) and ``unsquashfs`` of a squashfs image of the same env;
@@ -48,16 +49,28 @@ from scale_envs import SIZES, archive_dir, archives, say, scale_env, tree_stats 
 HERE = Path(__file__).resolve().parent
 
 
+#: Runs argv[1:] and prints "<seconds> <peak RSS in KiB>" of it. Measured from this small process,
+#: not from the benchmark itself: Linux carries a parent's RSS high-water mark into a child it
+#: forks (or vforks) and execs, so once this script grows (building a 300k env in-process makes
+#: it ~330 MiB) every child it starts directly would report at least that much.
+_RUSAGE_HELPER = """
+import os, subprocess, sys, time
+started = time.perf_counter()
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_pid, status, usage = os.wait4(child.pid, 0)
+print(time.perf_counter() - started, usage.ru_maxrss)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_child(argv: list[str], **kwargs) -> tuple[float, int]:
-    """Run ``argv``; return (seconds, peak RSS of the child in bytes, from wait4's rusage)."""
-    started = time.perf_counter()
-    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, **kwargs)
-    _pid, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - started
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode:
-        raise subprocess.CalledProcessError(child.returncode, argv)
-    return seconds, usage.ru_maxrss * 1024
+    """Run ``argv``; return (seconds, peak RSS of the child in bytes, from wait4's rusage), both
+    measured by :data:`_RUSAGE_HELPER` around the child alone."""
+    done = subprocess.run([sys.executable, "-I", "-c", _RUSAGE_HELPER, *argv], stdout=subprocess.PIPE, text=True, **kwargs)
+    if done.returncode:
+        raise subprocess.CalledProcessError(done.returncode, argv)
+    seconds, peak_kib = done.stdout.split()
+    return float(seconds), int(peak_kib) * 1024
 
 
 def squashfs_image(size: str, prefix: Path) -> Path | None:
