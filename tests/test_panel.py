@@ -495,7 +495,7 @@ def test_the_readme_screenshot_shows_a_staging_and_a_problem_row(lab, page, tmp_
         re.compile(r"\d+ % · [\d.]+ MB of [\d.]+ MB"), timeout=120_000)
     _save_screenshot(page, panel, tmp_path)
     summary = panel.locator(".jp-kernelprov-summary")
-    assert "problem" in summary.inner_text() and "ready" in summary.inner_text(), summary.inner_text()
+    assert "2 problems" in summary.inner_text() and "ready" in summary.inner_text(), summary.inner_text()
     assert summary.evaluate("e => e.scrollWidth <= e.clientWidth"), "the summary wraps, it is never cut"
     expect(scratch.locator(".jp-kernelprov-state")).to_have_text("ready", timeout=120_000)
 

@@ -381,13 +381,15 @@ function Summary(props: {
   trans: TranslationBundle;
 }): JSX.Element | null {
   const { model, trans } = props;
-  const names: { [state: string]: string } = {
-    'in-use': trans.__('in use'),
-    ready: trans.__('ready'),
-    staging: trans.__('staging'),
-    problem: trans.__('problem'),
-    'not-staged': trans.__('not staged')
-  };
+  // "2 problems"; the other states read the same for any count ("3 ready", "2 not staged").
+  const label = (state: string, count: number): string =>
+    ({
+      'in-use': trans.__('%1 in use', count),
+      ready: trans.__('%1 ready', count),
+      staging: trans.__('%1 staging', count),
+      problem: trans._n('%1 problem', '%1 problems', count),
+      'not-staged': trans.__('%1 not staged', count)
+    })[state] ?? `${count} ${state}`;
   const counts = summarize(model.environments);
   if (!counts.length) {
     return null;
@@ -398,7 +400,7 @@ function Summary(props: {
         <React.Fragment key={state}>
           {i > 0 && ' · '}
           <span className={`jp-kernelprov-count jp-kernelprov-mod-${state}`}>
-            {`${count} ${names[state]}`}
+            {label(state, count)}
           </span>
         </React.Fragment>
       ))}
