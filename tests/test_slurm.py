@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import pwd
 import re
@@ -393,6 +394,30 @@ def test_restart_after_the_job_was_cancelled_submits_a_new_job(slurm_run):
     assert after["prefix"] == before["prefix"] and after["user"] == user
     active = [job for job, info in _user_jobs(cluster, user).items() if info["state"] in ("PENDING", "RUNNING")]
     assert active == [after["job"]], f"the cancelled job is not the kernel's any more: {active}"
+    assert "KPSL_WORKS 2" in execute(server.ws(before["kernel_id"]), server.token, "print('KPSL_WORKS', 1 + 1)")
+    results[user].update(job=after["job"], node=after["node"], pid=after["pid"])
+
+
+def test_restart_near_the_jobs_time_limit_submits_a_new_job(slurm_run):
+    """A job with less than MIN_TIME_LEFT_TO_REUSE left (an admin shortened it) is not reused: the
+    restart submits a new job and cancels the old one, so the kernel is not killed minutes later."""
+    from kernelprov.jupyter.slurm.jobs import parse_time_left
+    from kernelprov.jupyter.slurm.provisioner import MIN_TIME_LEFT_TO_REUSE
+
+    cluster, servers, _archive, results = slurm_run
+    user = USERS[0]
+    server, before = servers[user], results[user]
+    elapsed = parse_time_left(run(["squeue", "-h", "-j", before["job"], "-o", "%M"], env=cluster.env()).stdout.strip())
+    minutes = math.ceil(elapsed / 60) + int(MIN_TIME_LEFT_TO_REUSE // 60) - 2  # 2-3 minutes left
+    run(["scontrol", "update", f"JobId={before['job']}", f"TimeLimit={minutes}"], env=cluster.env())
+    status, _ = server.api("POST", f"/kernels/{before['kernel_id']}/restart")
+    assert status == 200, status
+    after = wait_for(lambda: _probe_changed(server, before["kernel_id"], "job", before["job"]), 120,
+                     "the kernel to run in a new job")
+    active = wait_for(lambda: (lambda jobs: jobs if jobs == [after["job"]] else None)(
+        [job for job, info in _user_jobs(cluster, user).items() if info["state"] in ("PENDING", "RUNNING")]),
+        60, "the old job to be cancelled")
+    assert active == [after["job"]]
     assert "KPSL_WORKS 2" in execute(server.ws(before["kernel_id"]), server.token, "print('KPSL_WORKS', 1 + 1)")
     results[user].update(job=after["job"], node=after["node"], pid=after["pid"])
 
