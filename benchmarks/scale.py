@@ -63,10 +63,10 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def run_child(argv: list[str], **kwargs) -> tuple[float, int]:
+def run_child(argv: list[str]) -> tuple[float, int]:
     """Run ``argv``; return (seconds, peak RSS of the child in bytes, from wait4's rusage), both
     measured by :data:`_RUSAGE_HELPER` around the child alone."""
-    done = subprocess.run([sys.executable, "-I", "-c", _RUSAGE_HELPER, *argv], stdout=subprocess.PIPE, text=True, **kwargs)
+    done = subprocess.run([sys.executable, "-I", "-c", _RUSAGE_HELPER, *argv], stdout=subprocess.PIPE, text=True)
     if done.returncode:
         raise subprocess.CalledProcessError(done.returncode, argv)
     seconds, peak_kib = done.stdout.split()

@@ -120,6 +120,11 @@ def _user_jobs(cluster: NodeCluster, user: str) -> dict[str, dict[str, str]]:
     return {job: info for job, info in cluster.squeue_jobs().items() if info["user"] == user}
 
 
+def _active_jobs(cluster: NodeCluster, user: str) -> list[str]:
+    """The user's jobs that are pending or running."""
+    return [job for job, info in _user_jobs(cluster, user).items() if info["state"] in ("PENDING", "RUNNING")]
+
+
 def _interrupt_during_sleep(server: Server, kernel_id: str) -> dict:
     """Run ``time.sleep(120)``, interrupt it through the REST API; return the execute_reply."""
     import websocket
@@ -392,7 +397,7 @@ def test_restart_after_the_job_was_cancelled_submits_a_new_job(slurm_run):
     after = wait_for(lambda: _probe_changed(server, before["kernel_id"], "job", before["job"]), 120,
                      "the kernel to run in a new job")
     assert after["prefix"] == before["prefix"] and after["user"] == user
-    active = [job for job, info in _user_jobs(cluster, user).items() if info["state"] in ("PENDING", "RUNNING")]
+    active = _active_jobs(cluster, user)
     assert active == [after["job"]], f"the cancelled job is not the kernel's any more: {active}"
     assert "KPSL_WORKS 2" in execute(server.ws(before["kernel_id"]), server.token, "print('KPSL_WORKS', 1 + 1)")
     results[user].update(job=after["job"], node=after["node"], pid=after["pid"])
@@ -414,10 +419,7 @@ def test_restart_near_the_jobs_time_limit_submits_a_new_job(slurm_run):
     assert status == 200, status
     after = wait_for(lambda: _probe_changed(server, before["kernel_id"], "job", before["job"]), 120,
                      "the kernel to run in a new job")
-    active = wait_for(lambda: (lambda jobs: jobs if jobs == [after["job"]] else None)(
-        [job for job, info in _user_jobs(cluster, user).items() if info["state"] in ("PENDING", "RUNNING")]),
-        60, "the old job to be cancelled")
-    assert active == [after["job"]]
+    wait_for(lambda: _active_jobs(cluster, user) == [after["job"]], 60, "the old job to be cancelled")
     assert "KPSL_WORKS 2" in execute(server.ws(before["kernel_id"]), server.token, "print('KPSL_WORKS', 1 + 1)")
     results[user].update(job=after["job"], node=after["node"], pid=after["pid"])
 
@@ -491,7 +493,7 @@ def test_a_stage_that_fails_on_the_node_says_why(slurm_run):
     # Slurm may still be tidying the job up (COMPLETING) when the provisioner looks: either state says it failed.
     assert re.search(r"ended before the kernel started \((Failed|Completing): NonZeroExitCode", message), message
     assert "but its manifest records" in message, message  # the engine's sentence, from the node
-    assert not any(info["state"] in ("PENDING", "RUNNING") for info in _user_jobs(cluster, USERS[0]).values())
+    assert not _active_jobs(cluster, USERS[0])
 
 
 def _exit_the_kernel(server: Server, kernel_id: str) -> None:

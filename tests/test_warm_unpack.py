@@ -109,3 +109,14 @@ def test_a_warning_on_the_warm_path_is_still_configured(tiny_archives, cache_roo
     assert lines[0] == f"kernelprov: kernelprov cache directory {squatted} is a symbolic link; not using it"
     assert all(line.startswith("kernelprov: ") for line in lines), lines
     assert Path(done.stdout.strip()).parent.name.startswith(squatted.name + ".") and os.listdir(decoy) == []
+
+
+def test_other_commands_configure_logging_at_once():
+    """Only the warm ``unpack`` defers logging's configuration: ``--debug list`` logs through the
+    Jupyter layer's plain loggers, which never apply a deferred one."""
+    probe = ("import contextlib, io; from kernelprov.cli.app import main\n"  # logging not loaded before main
+             "with contextlib.redirect_stdout(io.StringIO()): main(['--debug', 'list'])\n"
+             "import logging; root = logging.getLogger()\n"
+             "assert root.level == logging.DEBUG and root.handlers, (root.level, root.handlers)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

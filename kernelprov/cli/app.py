@@ -29,9 +29,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     Called by :func:`run` (the console scripts, ``python -m kernelprov``, ``run.sh``'s stager) and
     by tests. A plain ``unpack`` command line skips argparse (:func:`.arguments.fast_unpack_args`)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = arguments.fast_unpack_args(argv) or arguments.parser().parse_args(argv)
-    # Configured on the first message: a warm unpack logs nothing and never imports logging.
-    logs.configure_on_first_message(level=10 if args.debug else 30, format="kernelprov: %(message)s")  # DEBUG, WARNING
+    fast = arguments.fast_unpack_args(argv)
+    args = fast or arguments.parser().parse_args(argv)
+    config = {"level": "DEBUG" if args.debug else "WARNING", "format": "kernelprov: %(message)s"}
+    if fast:  # a warm unpack logs nothing and never imports logging: configured on its first message
+        logs.configure_on_first_message(**config)
+    else:  # other commands log through the Jupyter layer's plain loggers too
+        import logging
+
+        logging.basicConfig(**config)
     try:
         return _command(args.command)(args) or 0
     except KernelprovError as err:

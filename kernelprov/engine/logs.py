@@ -8,9 +8,11 @@ clients without the provisioner, and a warm call logs nothing; importing :mod:`l
 cost (issue 13, point 4). Written by hand because the standard library has no lazy logger; it
 holds no state of its own, so handlers, levels and ``caplog`` see the real logger.
 
-:func:`configure_on_first_message` is how the CLI's warm path asks for ``logging.basicConfig``
+:func:`configure_on_first_message` is how the CLI's warm ``unpack`` asks for ``logging.basicConfig``
 without importing :mod:`logging` itself: the configuration is applied just before the first
-message any engine logger passes on (or at once, when :mod:`logging` is already loaded).
+message any engine logger passes on (or at once, when :mod:`logging` is already loaded). Only
+that command may defer it: the others also log through the Jupyter layer's plain loggers, which
+would never apply it, so they configure :mod:`logging` at once.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def get_logger(name: str) -> EngineLogger:
 
 
 def configure_on_first_message(**basic_config) -> None:
-    """Called by :func:`kernelprov.cli.app.main`: ``logging.basicConfig(**basic_config)`` now if
+    """Called by :func:`kernelprov.cli.app.main` for ``unpack``: ``logging.basicConfig(**basic_config)`` now if
     :mod:`logging` is loaded, else before the first engine logger is used."""
     global _pending_config
     if "logging" in sys.modules:
